@@ -1,0 +1,147 @@
+"""Masked, quantized layers shared by every model.
+
+Every conv and dense layer of the library is a :class:`QConv` or :class:`QDense`.
+Besides its ``params`` (``kernel``, optional ``bias`` and any learnable quantizer
+parameters) it owns two int32 scalars in the ``quant`` collection, ``w_bits`` and
+``a_bits``, read at run time. Each layer also *declares* which channel group it
+reads (``in_group``) and which it writes (``out_group``); those strings are static
+and form the model's pruning graph (see :mod:`picpq_jax.models.structure`).
+
+Channel masks are applied by the model where a group is written: after the
+normalization and activation that follow a conv (a BN shift would otherwise revive
+a pruned channel) and after a residual addition. :func:`channel_mask` creates the
+model-level ``masks`` entry of a group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from picpq_jax.models.quantizer import FULL_PRECISION_BITS, FullPrecision, Quantizer
+
+Array = jax.Array
+
+# PyTorch's defaults for BatchNorm2d (momentum 0.1 there is 0.9 here).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# He-normal on fan-out, as torchvision initializes conv kernels.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _quantize_operands(module: nn.Module, x: Array, kernel: Array) -> tuple[Array, Array]:
+  """Quantizes a layer's input and kernel with its quantizer and ``quant`` bit-widths.
+
+  Creates the layer's ``quant/{w_bits,a_bits}`` (int32 scalars) and any learnable
+  quantizer parameters in ``params``.
+  """
+  quantizer, default = module.quantizer, module.default_bits
+  bits = {name: module.variable("quant", name, lambda: jnp.asarray(default, jnp.int32)).value
+          for name in ("w_bits", "a_bits")}
+  qparams = {name: module.param(name, init, shape)
+             for name, (init, shape) in quantizer.param_inits(tuple(kernel.shape)).items()}
+  return (quantizer.activations(x, bits["a_bits"], qparams),
+          quantizer.weights(kernel, bits["w_bits"], qparams))
+
+
+class QConv(nn.Module):
+  """2-D convolution, NHWC, with quantized weights and input activations.
+
+  Input ``[N, H, W, C_in]`` -> output ``[N, H', W', features]``. Padding defaults to
+  ``kernel // 2`` on every side (PyTorch's convention for odd kernels), so stride-2
+  convs see the same windows as the reference models.
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: ``None`` for ``kernel // 2``, else anything ``lax.conv_general_dilated``
+      accepts.
+    feature_group_count: 1 for a dense conv, ``C_in`` for a depthwise one.
+    use_bias: add a learned bias.
+    in_group, out_group: the channel groups this conv reads and writes (static
+      declarations; ``None`` for the image input or an unprunable output).
+    quantizer: static quantizer; bit-widths come from the ``quant`` collection.
+    default_bits: initial ``w_bits`` and ``a_bits``.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: Any = None
+  feature_group_count: int = 1
+  use_bias: bool = False
+  in_group: str | None = None
+  out_group: str | None = None
+  quantizer: Quantizer = FullPrecision()
+  default_bits: int = FULL_PRECISION_BITS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_features = x.shape[-1]
+    if in_features % self.feature_group_count:
+      raise ValueError(
+          f"{self.name}: {in_features} input channels do not split into "
+          f"{self.feature_group_count} groups")
+    kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
+    kernel = self.param("kernel", conv_kernel_init, kernel_shape, jnp.float32)
+    x, kernel = _quantize_operands(self, x, kernel)
+    padding = self.padding
+    if padding is None:
+      padding = [(k // 2, k // 2) for k in self.kernel_size]
+    y = lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=self.strides, padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
+class QDense(nn.Module):
+  """Dense layer ``[..., C_in] -> [..., features]`` with quantized weights and inputs.
+
+  Attributes mirror :class:`QConv`; the kernel is ``[C_in, features]`` and a bias is
+  used by default (PyTorch's ``nn.Linear``).
+  """
+
+  features: int
+  use_bias: bool = True
+  in_group: str | None = None
+  out_group: str | None = None
+  quantizer: Quantizer = FullPrecision()
+  default_bits: int = FULL_PRECISION_BITS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel_shape = (x.shape[-1], self.features)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape, jnp.float32)
+    x, kernel = _quantize_operands(self, x, kernel)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
+def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults; batch statistics in training mode."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPSILON, name=name)
+
+
+def channel_mask(module: nn.Module, group: str, size: int) -> Array:
+  """The ``masks`` entry of channel group ``group``: float32 ``[size]``, init ones.
+
+  Call it on the top-level model module, once per group. Group names share the
+  module's namespace with its submodules, so they must differ from them.
+  """
+  return module.variable("masks", group, lambda: jnp.ones((size,), jnp.float32)).value
+

@@ -1,0 +1,83 @@
+"""VGG-16-BN for CIFAR, as in the HRank and PIC-PQ reference code.
+
+Thirteen 3x3 convs (with bias, PyTorch's ``nn.Conv2d`` default) each followed by BN
+and ReLU, a 2x2 max-pool at every ``'M'`` of :data:`VGG16_CFG`, a final 2x2 average
+pool (2x2 -> 1x1 for 32x32 inputs), then the classifier
+``Linear(512, 512) -> BN1d -> ReLU -> Linear(512, num_classes)``. 14.99M parameters,
+313.5M MACs per 32x32 image (313.2M in the convs).
+
+Channel groups (the model's ``masks``):
+
+* ``conv{i}`` (``i`` = 1..13): the output channels of the ``i``-th conv (module
+  ``layer{i}``), read by the next conv, or by ``linear1`` for ``conv13``.
+
+The 512 outputs of ``linear1`` are not a group: the reference prunes only the
+convolutions (its bit-width list has one entry per conv), and a rank-based filter
+property is undefined on a 1x1 map. The classifier is named ``head``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from picpq_jax.models.layers import QConv, QDense, batch_norm, channel_mask
+from picpq_jax.models.quantizer import FullPrecision, Quantizer
+
+Array = jax.Array
+
+# Output widths of the 3x3 convs; 'M' is a 2x2, stride-2 max-pool.
+VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+class ConvBNReLU(nn.Module):
+  """3x3 conv (bias) -> BN -> ReLU -> channel mask; ``[N, H, W, C] -> [N, H, W, features]``."""
+
+  features: int
+  in_group: str | None
+  out_group: str
+  quantizer: Quantizer = FullPrecision()
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+    x = QConv(self.features, use_bias=True, in_group=self.in_group, out_group=self.out_group,
+              quantizer=self.quantizer, name="conv")(x)
+    return nn.relu(batch_norm(train, "bn")(x)) * mask
+
+
+class CifarVGG(nn.Module):
+  """VGG-BN for 32x32 images; ``[N, 32, 32, 3] -> [N, num_classes]`` logits.
+
+  Attributes:
+    cfg: conv widths and ``'M'`` pools (default VGG-16).
+    hidden: width of the classifier's hidden layer.
+    num_classes: classes of the head.
+    quantizer: static quantizer of every conv and dense layer.
+  """
+
+  cfg: Sequence[int | str] = VGG16_CFG
+  hidden: int = 512
+  num_classes: int = 10
+  quantizer: Quantizer = FullPrecision()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    group = None
+    convs = 0
+    for v in self.cfg:
+      if v == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      convs += 1
+      name = f"conv{convs}"
+      x = ConvBNReLU(v, in_group=group, out_group=name, quantizer=self.quantizer,
+                     name=f"layer{convs}")(x, channel_mask(self, name, v), train)
+      group = name
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = QDense(self.hidden, in_group=group, quantizer=self.quantizer, name="linear1")(x)
+    x = nn.relu(batch_norm(train, "norm1")(x))
+    return QDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
