@@ -1,0 +1,105 @@
+"""The ``picpq`` command.
+
+Each subcommand's options are generated from its frozen config dataclass, so the
+``--help`` text, the defaults and the validation live in one place. Bad input ends
+with one ``picpq: error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Sequence
+
+from picpq_jax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line that points at ``--help``."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+  """One ``--option`` per field of ``config_cls``, help from ``metadata["help"]``."""
+  hints = typing.get_type_hints(config_cls)
+  for field in dataclasses.fields(config_cls):
+    flag = "--" + field.name.replace("_", "-")
+    hint = hints[field.name]
+    if isinstance(hint, types.UnionType):
+      hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    help_text = field.metadata.get("help", "").replace("%", "%%")
+    if hint is bool:
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                          default=field.default, help=help_text)
+    else:
+      parser.add_argument(flag, type=hint, default=field.default, help=help_text,
+                          metavar=field.name.upper())
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+  """The config dataclass built (and validated) from parsed arguments."""
+  return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+  from picpq_jax.train import TrainConfig, train_and_evaluate  # jax loads only when needed
+  train_and_evaluate(config_from_args(TrainConfig, args))
+  return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+  del args
+  import jax
+  from picpq_jax import models
+  from picpq_jax.train.metrics import format_table
+  rows = []
+  for name, spec in sorted(models.MODELS.items()):
+    model = spec.build(num_classes=spec.num_classes)
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, *spec.input_shape), "float32"))["params"]
+    macs = models.model_structure(model, spec.input_shape).macs
+    rows.append((name, f"input {spec.input_shape}, {models.param_count(params) / 1e6:.2f}M "
+                       f"params, {macs / 1e6:.1f}M MACs"))
+  print(format_table(rows))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The parser with all subcommands."""
+  from picpq_jax.train.config import TrainConfig
+  parser = _Parser(prog="picpq", description="Compress, train and fine-tune neural "
+                   "networks for edge devices with JAX (picpq-jax).")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                   parser_class=_Parser)
+  train = commands.add_parser(
+      "train", help="train a model; evaluate, checkpoint and print a results table",
+      description="Train a model with SGD (Nesterov), evaluating each epoch on a held-out "
+      "split, saving Orbax checkpoints and metrics.jsonl in --workdir.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  add_config_options(train, TrainConfig)
+  train.set_defaults(run=_cmd_train)
+  listing = commands.add_parser("models", help="list the architectures with params and MACs")
+  listing.set_defaults(run=_cmd_models)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``picpq`` console script; returns the exit code."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.run(args)
+  except UserError as e:
+    print(f"picpq: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,61 @@
+"""The configuration of ``picpq train``: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from picpq_jax.errors import UserError
+
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+def option(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A dataclass field whose ``metadata["help"]`` is its ``--help`` text."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Options of a training run; ``metadata["help"]`` of each field is its ``--help``."""
+
+  arch: str = option("resnet20", "architecture name (see `picpq models`)")
+  data: str = option("embedded", "'embedded' (bundled 5,000 CIFAR-10 images), a folder or .zip of <split>/<class>/<file>, a cifar-10-batches-py folder, or tfds:NAME")
+  workdir: str = option("runs/train", "where checkpoints, metrics.jsonl and results.json go")
+  val_size: int = option(500, "images held out from the training split for validation")
+  epochs: int = option(4, "passes over the training images")
+  batch_size: int = option(128, "global batch size; must divide across devices and hosts")
+  lr: float = option(0.1, "peak learning rate")
+  schedule: str = option("cosine", "multistep (x0.2 at 30/60/80%), cosine or constant")
+  warmup_epochs: float = option(0.0, "linear warm-up (cosine schedule only)")
+  momentum: float = option(0.9, "Nesterov momentum")
+  weight_decay: float = option(5e-4, "L2 weight decay added to the gradients")
+  seed: int = option(0, "seed of the split, shuffling, augmentation and initialization")
+  checkpoint_every: int = option(200, "save a checkpoint every N steps (and always at the end)")
+  keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+  resume: bool = option(False, "continue from the newest checkpoint in workdir")
+  cache_dir: str | None = option(None, "cache of decoded images (default $PICPQ_CACHE or ~/.cache/picpq_jax)")
+  progress: bool = option(True, "show a progress bar")
+
+  def __post_init__(self):
+    _check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
+    _check(1 <= self.epochs <= 10_000, "epochs", self.epochs, "1..10000")
+    _check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
+    _check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
+    _check(self.schedule in SCHEDULES, "schedule", self.schedule, " or ".join(SCHEDULES))
+    _check(0.0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
+           f"[0, epochs={self.epochs})")
+    _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+    _check(0.0 <= self.weight_decay < 1.0, "weight_decay", self.weight_decay, "[0, 1)")
+    _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+    _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise UserError(f"--{field.replace('_', '-')}={value!r} is out of range: use {allowed}")
+

@@ -1,0 +1,117 @@
+"""Train state and the jitted train and eval steps.
+
+The state is one pytree: the model's four variable collections, the optimizer
+state and the step counter. ``masks`` and ``quant`` ride along as data, so a step
+compiled once serves any pruning mask and any bit-widths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a training run needs to resume, as a pytree."""
+
+  step: Array  # int32 scalar: optimizer steps taken
+  params: PyTree
+  batch_stats: PyTree
+  masks: PyTree  # {group: float32 [C]}
+  quant: PyTree  # {layer path: {"w_bits": int32, "a_bits": int32}}
+  opt_state: optax.OptState
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats,
+            "masks": self.masks, "quant": self.quant}
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  """Wraps initial model variables and a fresh optimizer state."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}), masks=variables.get("masks", {}),
+      quant=variables.get("quant", {}), opt_state=tx.init(variables["params"]))
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+  """Per-example softmax cross-entropy: logits ``[B, K]``, int labels ``[B]`` -> ``[B]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, images: Array, labels: Array, *, model: nn.Module,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+  """One SGD step on a batch.
+
+  Args:
+    state: the current :class:`TrainState`.
+    images: float32 ``[B, H, W, C]``, already augmented and normalized.
+    labels: int32 ``[B]``.
+    model, tx: static; bind them with ``functools.partial`` before ``jax.jit``.
+
+  Returns:
+    The new state and ``{"loss", "accuracy"}`` batch means (float32 scalars).
+  """
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {**state.variables, "params": params}, images, train=True, mutable=["batch_stats"])
+    loss = cross_entropy(logits, labels).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(variables: dict, images: Array, labels: Array, weights: Array, *,
+              model: nn.Module) -> dict[str, Array]:
+  """Summed metrics of one evaluation batch (BN in inference mode).
+
+  Args:
+    variables: the model's variables.
+    images: float32 ``[B, H, W, C]``, normalized.
+    labels: int32 ``[B]``.
+    weights: ``[B]``, 1 (True) for real examples and 0 (False) for padding.
+
+  Returns:
+    ``{"loss_sum", "correct", "count"}`` float32 scalars, so batches add up exactly.
+  """
+  logits = model.apply(variables, images, train=False)
+  weights = weights.astype(jnp.float32)
+  return {
+      "loss_sum": jnp.sum(cross_entropy(logits, labels) * weights),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+      "count": jnp.sum(weights),
+  }
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                   preprocess: Callable[[Array, Array], Array]) -> Callable:
+  """``step(state, key, images_uint8, labels) -> (state, metrics)``, jitted.
+
+  ``preprocess(key, images_uint8) -> float32 images`` (augmentation and
+  normalization) is fused into the same program. The state buffers are donated.
+  """
+  def step(state, key, images, labels):
+    return train_step(state, preprocess(key, images), labels, model=model, tx=tx)
+  return jax.jit(step, donate_argnums=0)
+
+
+def jit_eval_step(model: nn.Module, preprocess: Callable[[Array], Array]) -> Callable:
+  """``step(variables, images_uint8, labels, weights) -> summed metrics``, jitted."""
+  def step(variables, images, labels, weights):
+    return eval_step(variables, preprocess(images), labels, weights, model=model)
+  return jax.jit(step)
