@@ -196,6 +196,8 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
   if checkpoints.latest_step() != step:
     checkpoints.save(step, state, meta, force=True)
   checkpoints.close()
+  if len(val) and not np.isfinite(val_metrics["loss"]):  # resumed a finished run
+    val_metrics = evaluate(eval_step, state.variables, val, config.batch_size, to_global)
 
   # --- Results.
   results = {
