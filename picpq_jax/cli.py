@@ -28,17 +28,17 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
   """One ``--option`` per field of ``config_cls``, help from ``metadata["help"]``."""
   hints = typing.get_type_hints(config_cls)
   for field in dataclasses.fields(config_cls):
-    flag = "--" + field.name.replace("_", "-")
+    flags = field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
     hint = hints[field.name]
     if isinstance(hint, types.UnionType):
       hint = next(a for a in typing.get_args(hint) if a is not type(None))
     help_text = field.metadata.get("help", "").replace("%", "%%")
     if hint is bool:
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+      parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction,
                           default=field.default, help=help_text)
     else:
-      parser.add_argument(flag, type=hint, default=field.default, help=help_text,
-                          metavar=field.name.upper())
+      parser.add_argument(*flags, dest=field.name, type=hint, default=field.default,
+                          help=help_text, metavar=field.name.upper())
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
@@ -49,6 +49,13 @@ def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
   from picpq_jax.train import TrainConfig, train_and_evaluate  # jax loads only when needed
   train_and_evaluate(config_from_args(TrainConfig, args))
+  return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+  from picpq_jax.compress.config import CompressConfig
+  from picpq_jax.compress.pipeline import run_compress
+  run_compress(config_from_args(CompressConfig, args))
   return 0
 
 
@@ -83,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   add_config_options(train, TrainConfig)
   train.set_defaults(run=_cmd_train)
+  from picpq_jax.compress.config import CompressConfig
+  compress = commands.add_parser(
+      "compress", help="PIC-PQ: prune to a budget and quantize a trained model; write a report",
+      description="Run the PIC-PQ pipeline on a `picpq train` checkpoint: filter property, "
+      "evolution of (a, b), pruning to the target, bit assignment, full-precision and "
+      "quantization-aware fine-tuning, and a report (JSON, markdown, PNG plots) in --workdir.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  add_config_options(compress, CompressConfig)
+  compress.set_defaults(run=_cmd_compress)
   listing = commands.add_parser("models", help="list the architectures with params and MACs")
   listing.set_defaults(run=_cmd_models)
   return parser

@@ -56,3 +56,33 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def load_variables(path: str | os.PathLike, step: int | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """Model variables and metadata of a saved training run, without a template.
+
+  Args:
+    path: a run's workdir (holding ``checkpoints/``) or its checkpoints folder.
+    step: which step (default: the newest).
+
+  Returns:
+    ``(variables, meta, step)``: ``{"params", "batch_stats", "masks", "quant"}`` as
+    nested dicts of arrays, the JSON metadata, and the step restored.
+  """
+  from picpq_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(path)
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = path
+  if not os.path.isdir(directory):
+    raise UserError(f"--from {path} does not exist: pass the workdir of a `picpq train` run")
+  checkpoints = Checkpoints(directory)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"no checkpoint in {directory}: pass the workdir of a finished "
+                    f"`picpq train` run (it holds checkpoints/<step>/)")
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  meta = checkpoints.restore_meta(step)
+  variables = {k: state[k] for k in ("params", "batch_stats", "masks", "quant")}
+  return variables, meta, step

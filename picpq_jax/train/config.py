@@ -5,14 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from picpq_jax.errors import UserError
+from picpq_jax.options import check, option
 
 SCHEDULES = ("multistep", "cosine", "constant")
-
-
-def option(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
-  """A dataclass field whose ``metadata["help"]`` is its ``--help`` text."""
-  return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,24 +33,19 @@ class TrainConfig:
   progress: bool = option(True, "show a progress bar")
 
   def __post_init__(self):
-    _check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
-    _check(1 <= self.epochs <= 10_000, "epochs", self.epochs, "1..10000")
-    _check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
-    _check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
-    _check(self.schedule in SCHEDULES, "schedule", self.schedule, " or ".join(SCHEDULES))
-    _check(0.0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
+    check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
+    check(1 <= self.epochs <= 10_000, "epochs", self.epochs, "1..10000")
+    check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
+    check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
+    check(self.schedule in SCHEDULES, "schedule", self.schedule, " or ".join(SCHEDULES))
+    check(0.0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
            f"[0, epochs={self.epochs})")
-    _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
-    _check(0.0 <= self.weight_decay < 1.0, "weight_decay", self.weight_decay, "[0, 1)")
-    _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
-    _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
-    _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+    check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+    check(0.0 <= self.weight_decay < 1.0, "weight_decay", self.weight_decay, "[0, 1)")
+    check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+    check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
-  if not ok:
-    raise UserError(f"--{field.replace('_', '-')}={value!r} is out of range: use {allowed}")
 

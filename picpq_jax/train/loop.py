@@ -96,12 +96,35 @@ def evaluate(eval_step: Callable, variables: dict, dataset, batch_size: int,
   return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
 
 
+def _save_on_interrupt(checkpoints: Checkpoints, step: int, state, meta: dict) -> None:
+  """Saves the state reached, unless it is already saved or was consumed (donated)
+  by the step that the interrupt cut short; the previous checkpoint stands then."""
+  if checkpoints.latest_step() == step:
+    return
+  try:
+    checkpoints.save(step, state, meta, force=True)
+  except RuntimeError:  # "Array has been deleted": the interrupted step took the buffers
+    pass
+
+
+def evaluate_dataset(model, variables: dict, dataset, batch_size: int, mean, std,
+                     ) -> dict[str, float]:
+  """Mean loss and accuracy of ``model`` on every example of ``dataset`` (one device)."""
+  step = jit_eval_step(model, lambda x: pdata.normalize(x, jnp.asarray(mean), jnp.asarray(std)))
+  return evaluate(step, variables, dataset, batch_size, jnp.asarray)
+
+
 def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
+                       variables: dict | None = None,
+                       quantizer: models.Quantizer | None = None,
                        print_fn: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains ``config.arch`` on ``config.data``; writes checkpoints and metrics to workdir.
 
   Args:
     config: the run's options.
+    variables: start from these variables (e.g. a pruned model's, with its ``masks``
+      and ``quant``) instead of a fresh initialization.
+    quantizer: the layers' quantizer (default full precision).
     stop_at_step: stop (and checkpoint) after this step as if interrupted; for tests
       and for splitting a long run into sessions.
     print_fn: where the closing results table goes.
@@ -123,14 +146,17 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
   total_steps = config.epochs * steps_per_epoch
 
   # --- Model, optimizer, state, placement.
-  model = models.get_model(config.arch, num_classes=train.num_classes)
+  model = models.get_model(config.arch, num_classes=train.num_classes,
+                           **({} if quantizer is None else {"quantizer": quantizer}))
   structure = models.model_structure(model, spec.input_shape)
   schedule = optim.make_schedule(
       config.schedule, config.lr, total_steps,
       warmup_steps=int(config.warmup_epochs * steps_per_epoch))
   tx = optim.sgd_nesterov(schedule, config.momentum, config.weight_decay)
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(models.init_variables(model, init_key, spec.input_shape), tx)
+  if variables is None:
+    variables = models.init_variables(model, init_key, spec.input_shape)
+  state = create_train_state(variables, tx)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   data_sharding = NamedSharding(mesh, P("data"))
@@ -185,10 +211,10 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
                   f"val accuracy {val_metrics['accuracy']:.4f}")
       checkpoints.save(step, state, meta)
   except KeyboardInterrupt:
-    checkpoints.save(step, state, meta, force=True)
+    _save_on_interrupt(checkpoints, step, state, meta)
+    print_fn(f"interrupted at step {step}; newest checkpoint: step "
+             f"{checkpoints.latest_step()} in {ckpt_dir}: rerun with --resume to continue")
     checkpoints.close()
-    print_fn(f"interrupted at step {step}; checkpoint saved in {ckpt_dir}: "
-             f"rerun with --resume to continue")
     raise
   finally:
     bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
@@ -61,6 +62,8 @@ def train_step(state: TrainState, images: Array, labels: Array, *, model: nn.Mod
   Returns:
     The new state and ``{"loss", "accuracy"}`` batch means (float32 scalars).
   """
+  chex.assert_rank([images, labels], [4, 1])
+  chex.assert_equal_shape_prefix([images, labels], 1)
   def loss_fn(params):
     logits, updates = model.apply(
         {**state.variables, "params": params}, images, train=True, mutable=["batch_stats"])
@@ -89,6 +92,8 @@ def eval_step(variables: dict, images: Array, labels: Array, weights: Array, *,
   Returns:
     ``{"loss_sum", "correct", "count"}`` float32 scalars, so batches add up exactly.
   """
+  chex.assert_rank([images, labels, weights], [4, 1, 1])
+  chex.assert_equal_shape_prefix([images, labels, weights], 1)
   logits = model.apply(variables, images, train=False)
   weights = weights.astype(jnp.float32)
   return {

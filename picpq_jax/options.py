@@ -1,0 +1,28 @@
+"""Helpers for the frozen config dataclasses behind each ``picpq`` command.
+
+A field made with :func:`option` carries its ``--help`` text (and optionally its
+command-line flags) in ``metadata``; ``picpq_jax.cli`` turns the fields into
+arguments. :func:`check` gives the one-line error every command uses for a value
+out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from picpq_jax.errors import UserError
+
+
+def option(default: Any, help: str, flags: Sequence[str] = ()) -> Any:  # pylint: disable=redefined-builtin
+  """A dataclass field whose ``metadata`` holds its ``--help`` text and flags.
+
+  ``flags`` overrides the default ``--field-name`` spelling (e.g. ``("--from",)``).
+  """
+  return dataclasses.field(default=default, metadata={"help": help, "flags": tuple(flags)})
+
+
+def check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  """UserError naming the option, its value and the allowed range unless ``ok``."""
+  if not ok:
+    raise UserError(f"--{field.replace('_', '-')}={value!r} is out of range: use {allowed}")
