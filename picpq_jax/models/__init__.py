@@ -1,5 +1,6 @@
 """Flax models (NHWC) with channel masks and per-layer bit-widths as variables."""
 
+from picpq_jax.models.layers import GroupSizes
 from picpq_jax.models.layers import QConv
 from picpq_jax.models.layers import QDense
 from picpq_jax.models.layers import batch_norm
@@ -14,6 +15,7 @@ from picpq_jax.models.registry import get_model
 from picpq_jax.models.registry import get_spec
 from picpq_jax.models.registry import init_variables
 from picpq_jax.models.resnet_cifar import CifarResNet
+from picpq_jax.models.resnet_cifar import ShortcutCoupling
 from picpq_jax.models.resnet_imagenet import ImageNetResNet
 from picpq_jax.models.structure import ChannelGroup
 from picpq_jax.models.structure import LayerInfo

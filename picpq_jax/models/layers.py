@@ -11,17 +11,24 @@ Channel masks are applied by the model where a group is written: after the
 normalization and activation that follow a conv (a BN shift would otherwise revive
 a pruned channel) and after a residual addition. :func:`channel_mask` creates the
 model-level ``masks`` entry of a group.
+
+Every model takes an optional, static ``group_sizes`` field (:data:`GroupSizes`):
+``((group, channels), ...)`` overrides the width of the named groups, so that
+:func:`picpq_jax.compress.compact` can build the smaller dense model that keeps
+only the unpruned channels. :func:`group_width` reads it and
+:func:`check_group_sizes` rejects names the model does not have.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from picpq_jax.errors import UserError
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS, FullPrecision, Quantizer
 
 Array = jax.Array
@@ -29,6 +36,9 @@ Array = jax.Array
 # PyTorch's defaults for BatchNorm2d (momentum 0.1 there is 0.9 here).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+# Static per-group widths of a compacted model: ((group name, channels), ...).
+GroupSizes = tuple[tuple[str, int], ...] | None
 
 # He-normal on fan-out, as torchvision initializes conv kernels.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -145,3 +155,24 @@ def channel_mask(module: nn.Module, group: str, size: int) -> Array:
   """
   return module.variable("masks", group, lambda: jnp.ones((size,), jnp.float32)).value
 
+
+def group_width(group_sizes: GroupSizes, group: str, default: int) -> int:
+  """Channels of ``group``: its entry in ``group_sizes`` if any, else ``default``."""
+  return dict(group_sizes or ()).get(group, default)
+
+
+def check_group_sizes(group_sizes: GroupSizes, groups: Iterable[str]) -> None:
+  """Raises ``UserError`` if ``group_sizes`` names an unknown group or a width below 1.
+
+  Args:
+    group_sizes: a model's ``group_sizes`` field.
+    groups: the names of the model's channel groups (its ``masks`` entries).
+  """
+  sizes = dict(group_sizes or ())
+  unknown = sorted(set(sizes) - set(groups))
+  if unknown:
+    raise UserError(f"group_sizes names groups {unknown} that the model does not have; "
+                    "use names of its masks")
+  small = sorted(name for name, size in sizes.items() if size < 1)
+  if small:
+    raise UserError(f"group_sizes gives groups {small} fewer than 1 channel; keep at least one")

@@ -34,7 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax.models.layers import QConv, QDense, batch_norm, channel_mask
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
+                                     check_group_sizes, group_width)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 
 Array = jax.Array
@@ -69,6 +70,10 @@ class InvertedResidual(nn.Module):
     in_group: the group of the input.
     expand_group: the group of the expanded channels (unused when ``expansion == 1``).
     out_group: the group the projection writes (``in_group`` for a residual block).
+    hidden_features: width of the expansion (``None``: ``expansion * C_in``).
+    add_input: whether to add the input (``None``: decided by :meth:`residual`);
+      a compacted block keeps its original decision even where pruning made the
+      widths equal or different.
   """
 
   features: int
@@ -78,6 +83,8 @@ class InvertedResidual(nn.Module):
   expand_group: str
   out_group: str
   quantizer: Quantizer = FullPrecision()
+  hidden_features: int | None = None
+  add_input: bool | None = None
 
   @nn.compact
   def __call__(self, x: Array, hidden_mask: Array, out_mask: Array, train: bool) -> Array:
@@ -86,7 +93,8 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expansion != 1:
       hidden_group = self.expand_group
-      y = QConv(x.shape[-1] * self.expansion, kernel_size=(1, 1), in_group=self.in_group,
+      hidden = self.hidden_features or x.shape[-1] * self.expansion
+      y = QConv(hidden, kernel_size=(1, 1), in_group=self.in_group,
                 out_group=hidden_group, quantizer=self.quantizer, name="expand_conv")(y)
       y = nn.relu6(batch_norm(train, "expand_bn")(y)) * hidden_mask
     hidden = y.shape[-1]
@@ -97,7 +105,8 @@ class InvertedResidual(nn.Module):
     y = QConv(self.features, kernel_size=(1, 1), in_group=hidden_group,
               out_group=self.out_group, quantizer=self.quantizer, name="project_conv")(y)
     y = batch_norm(train, "project_bn")(y)
-    if self.residual(x.shape[-1]):
+    add_input = self.residual(x.shape[-1]) if self.add_input is None else self.add_input
+    if add_input:
       y = y + x
     return y * out_mask
 
@@ -116,6 +125,9 @@ class MobileNetV2(nn.Module):
     cfg: ``(t, c, n, s)`` per stage.
     stem_features, last_features: widths of the stem and last conv at ``width_mult`` 1.
     quantizer: static quantizer of every conv and dense layer.
+    group_sizes: static width overrides per channel group (a compacted model);
+      ``None`` keeps the widths above. Which blocks add their input is decided on
+      the widths above, never on the overrides.
   """
 
   num_classes: int = 10
@@ -124,34 +136,45 @@ class MobileNetV2(nn.Module):
   stem_features: int = 32
   last_features: int = 1280
   quantizer: Quantizer = FullPrecision()
+  group_sizes: GroupSizes = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    width = make_divisible(self.stem_features * self.width_mult)
+    width = make_divisible(self.stem_features * self.width_mult)  # before group_sizes
     group = "stem"
-    masks = {group: channel_mask(self, group, width)}
-    x = QConv(width, out_group=group, quantizer=self.quantizer, name="stem_conv")(x)
+    masks = {group: channel_mask(self, group, self._width(group, width))}
+    x = QConv(masks[group].shape[0], out_group=group, quantizer=self.quantizer,
+              name="stem_conv")(x)
     x = nn.relu6(batch_norm(train, "stem_bn")(x)) * masks[group]
     for s, (t, c, n, first_stride) in enumerate(self.cfg):
       features = make_divisible(c * self.width_mult)
       for b in range(n):
         stride = first_stride if b == 0 else 1
         in_group = group
-        if not (stride == 1 and width == features):  # no residual: a new stream starts
+        add_input = stride == 1 and width == features
+        if not add_input:  # no residual: a new stream starts
           group = f"stage{s + 1}"
-          masks[group] = channel_mask(self, group, features)
+          masks[group] = channel_mask(self, group, self._width(group, features))
         name = f"stage{s + 1}_block{b}"
         expand = f"{name}_expand"
-        hidden_mask = channel_mask(self, expand, width * t) if t != 1 else masks[in_group]
+        if t != 1:
+          masks[expand] = channel_mask(self, expand, self._width(expand, width * t))
+        hidden_mask = masks[expand] if t != 1 else masks[in_group]
         x = InvertedResidual(
-            features, stride, t, in_group=in_group, expand_group=expand, out_group=group,
-            quantizer=self.quantizer, name=name)(x, hidden_mask, masks[group], train)
+            masks[group].shape[0], stride, t, in_group=in_group, expand_group=expand,
+            out_group=group, quantizer=self.quantizer, hidden_features=hidden_mask.shape[0],
+            add_input=add_input, name=name)(x, hidden_mask, masks[group], train)
         width = features
-    return self._classifier(x, group, train)
+    return self._classifier(x, group, train, masks)
 
-  def _classifier(self, x: Array, in_group: str, train: bool) -> Array:
+  def _width(self, group: str, default: int) -> int:
+    """Channels of ``group``: ``group_sizes``' entry, else ``default``."""
+    return group_width(self.group_sizes, group, default)
+
+  def _classifier(self, x: Array, in_group: str, train: bool, masks: dict) -> Array:
     """1x1 conv to ``last`` -> BN -> ReLU6 -> mask -> global average pool -> head."""
-    features = make_divisible(self.last_features * max(1.0, self.width_mult))
+    features = self._width("last", make_divisible(self.last_features * max(1.0, self.width_mult)))
+    check_group_sizes(self.group_sizes, [*masks, "last"])
     x = QConv(features, kernel_size=(1, 1), in_group=in_group, out_group="last",
               quantizer=self.quantizer, name="last_conv")(x)
     x = nn.relu6(batch_norm(train, "last_bn")(x)) * channel_mask(self, "last", features)

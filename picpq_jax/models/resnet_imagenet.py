@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax.models.layers import QConv, QDense, batch_norm, channel_mask
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
+                                     check_group_sizes, group_width)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 from picpq_jax.models.resnet_cifar import BasicBlock
 
@@ -43,31 +44,45 @@ class ImageNetResNet(nn.Module):
     num_classes: classes of the head.
     widths: channels per stage.
     quantizer: static quantizer of every conv and dense layer.
+    group_sizes: static width overrides per channel group (a compacted model);
+      ``None`` keeps ``widths``.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   num_classes: int = 1000
   widths: Sequence[int] = (64, 128, 256, 512)
   quantizer: Quantizer = FullPrecision()
+  group_sizes: GroupSizes = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must have one entry per stage")
-    stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(self.widths)]
-    x = QConv(self.widths[0], kernel_size=(7, 7), strides=(2, 2), out_group="stage1",
+    check_group_sizes(self.group_sizes, self.group_names())
+    widths = [group_width(self.group_sizes, f"stage{s + 1}", w) for s, w in enumerate(self.widths)]
+    stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
+    x = QConv(widths[0], kernel_size=(7, 7), strides=(2, 2), out_group="stage1",
               quantizer=self.quantizer, name="stem_conv")(x)
     x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_group = "stage1"
-    for s, (width, blocks) in enumerate(zip(self.widths, self.stage_sizes)):
+    for s, (width, blocks) in enumerate(zip(widths, self.stage_sizes)):
       for b in range(blocks):
         name = f"stage{s + 1}_block{b}"
+        mid = group_width(self.group_sizes, f"{name}_mid", self.widths[s])
         x = BasicBlock(
             width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
             mid_group=f"{name}_mid", out_group=f"stage{s + 1}", shortcut="B",
-            quantizer=self.quantizer, name=name)(x, channel_mask(self, f"{name}_mid", width), stream[s], train)
+            quantizer=self.quantizer, mid_features=mid,
+            name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
         in_group = f"stage{s + 1}"
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer, name="head")(x)
+
+  def group_names(self) -> tuple[str, ...]:
+    """Names of the channel groups (the ``masks`` entries)."""
+    streams = tuple(f"stage{s + 1}" for s in range(len(self.widths)))
+    mids = tuple(f"stage{s + 1}_block{b}_mid" for s, blocks in enumerate(self.stage_sizes)
+                 for b in range(blocks))
+    return streams + mids

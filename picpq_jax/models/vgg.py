@@ -23,7 +23,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from picpq_jax.models.layers import QConv, QDense, batch_norm, channel_mask
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
+                                     check_group_sizes, group_width)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 
 Array = jax.Array
@@ -56,15 +57,20 @@ class CifarVGG(nn.Module):
     hidden: width of the classifier's hidden layer.
     num_classes: classes of the head.
     quantizer: static quantizer of every conv and dense layer.
+    group_sizes: static width overrides of the ``conv{i}`` groups (a compacted
+      model); ``None`` keeps ``cfg``.
   """
 
   cfg: Sequence[int | str] = VGG16_CFG
   hidden: int = 512
   num_classes: int = 10
   quantizer: Quantizer = FullPrecision()
+  group_sizes: GroupSizes = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    convs = sum(1 for v in self.cfg if v != "M")
+    check_group_sizes(self.group_sizes, [f"conv{i + 1}" for i in range(convs)])
     group = None
     convs = 0
     for v in self.cfg:
@@ -73,8 +79,9 @@ class CifarVGG(nn.Module):
         continue
       convs += 1
       name = f"conv{convs}"
-      x = ConvBNReLU(v, in_group=group, out_group=name, quantizer=self.quantizer,
-                     name=f"layer{convs}")(x, channel_mask(self, name, v), train)
+      width = group_width(self.group_sizes, name, v)
+      x = ConvBNReLU(width, in_group=group, out_group=name, quantizer=self.quantizer,
+                     name=f"layer{convs}")(x, channel_mask(self, name, width), train)
       group = name
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
