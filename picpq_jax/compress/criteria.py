@@ -1,0 +1,312 @@
+"""Filter properties (DESIGN.md section 1): one float32 score per output filter.
+
+A filter property (FP) maps every *prunable layer* (a layer whose ``out_group`` is
+not None, in structure order; see :func:`picpq_jax.compress.pic.prunable_layers`)
+to a float32 vector ``[C_out]``: ``{layer_name: float32 [C_out]}``. The
+physics-inspired criterion (:mod:`picpq_jax.compress.pic`) turns it into channel
+importances.
+
+* ``"rank"`` (HRank, the reference): the average matrix rank of the filter's HxW
+  output feature maps over a few batches (reference: 6 batches of 128).
+* ``"l1"`` / ``"l2"``: the L1 / L2 norm of the filter's weights.
+* ``"bn_gamma"``: ``|gamma|`` of the BatchNorm that follows the conv.
+
+**Which feature map.** HRank hooks the ReLU after each conv-BN (for a ResNet block's
+second conv: the ReLU after the residual addition). ``point="activation"`` (the
+default) takes that map generically: library models apply a group's channel mask
+exactly there, ``x * mask``, after the normalization, activation and residual
+addition that follow the writing conv (see :mod:`picpq_jax.models.layers`). During
+``apply`` each mask is replaced by a probe that records the masked product, and a
+layer's map is the first product of its ``out_group`` recorded after the layer ran.
+Writers summed by one residual addition (an ImageNet ResNet's ``conv2`` and
+``downsample_conv``) therefore share one map; a depthwise conv gets the map after
+its own BN and activation. MobileNetV2's linear projections have no activation:
+their map is the (masked) block output. ``point="conv"`` takes the raw conv output
+instead (before BN, activation and mask).
+
+The model files are not touched: maps are collected with ``nn.intercept_methods``
+and the mask probes, inside one jitted function per (model, structure, options),
+which JAX compiles once per batch shape. Inference mode (``train=False``: BN running
+statistics), as HRank's ``net.eval()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from picpq_jax.errors import UserError
+from picpq_jax.models.layers import QConv, QDense
+from picpq_jax.models.structure import ModelStructure
+
+Array = jax.Array
+FilterProperty = dict[str, Array]  # {layer_name: float32 [C_out]}, prunable layers only
+
+RANK_METHODS = ("svd", "gram")
+CAPTURE_POINTS = ("activation", "conv")
+FILTER_PROPERTIES = ("rank", "l1", "l2", "bn_gamma")
+
+
+def _prunable(structure: ModelStructure) -> tuple[str, ...]:
+  return tuple(l.name for l in structure.layers if l.out_group is not None)
+
+
+# ----------------------------------------------------------------------------- rank
+
+
+def _map_ranks(maps: Array, method: str) -> Array:
+  """Matrix rank of each ``[H, W]`` map of ``maps`` ``[N, H, W, C]`` -> int32 ``[N, C]``.
+
+  ``"svd"``: exactly ``numpy.linalg.matrix_rank``'s rule in float32: count the
+  singular values ``S > S.max() * max(H, W) * eps32``.
+
+  ``"gram"``: eigenvalues ``lambda = S^2`` of the ``k x k`` Gram matrix,
+  ``k = min(H, W)``, of the map scaled to ``max |M| = 1`` (so ``S^2`` neither
+  overflows nor underflows). Eigenvalues of a float32 Gram carry an absolute error of
+  order ``eps32 * lambda_max`` (measured: at most ``0.4 * k * eps32 * lambda_max``),
+  far above numpy's threshold ``(S.max() * max(H, W) * eps32)^2``, so the Gram's own
+  rank rule is used: ``lambda > lambda_max * k * eps32``, i.e. ``S > S.max() *
+  sqrt(k * eps32)`` (``2e-3 * S.max()`` at k=32). It equals numpy's rank unless a
+  singular value lies between the two thresholds, which post-ReLU maps often have:
+  hence ``"svd"`` is the default.
+  """
+  x = jnp.moveaxis(maps.astype(jnp.float32), -1, 1)  # [N, C, H, W]
+  h, w = x.shape[-2:]
+  eps = jnp.finfo(jnp.float32).eps
+  if method == "svd":
+    s = jnp.linalg.svd(x, compute_uv=False)  # [N, C, k], descending
+    return jnp.sum(s > s[..., :1] * (max(h, w) * eps), axis=-1, dtype=jnp.int32)
+  peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  x = x / jnp.where(peak > 0, peak, 1.0)
+  spec = "nchw,nchv->ncwv" if w <= h else "nchw,ncvw->nchv"
+  lam = jnp.linalg.eigvalsh(jnp.einsum(spec, x, x, precision=jax.lax.Precision.HIGHEST))
+  tol = jnp.max(lam, axis=-1, keepdims=True) * (min(h, w) * eps)
+  return jnp.sum(lam > tol, axis=-1, dtype=jnp.int32)
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise UserError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def feature_map_rank(maps: Array, method: str = "svd") -> Array:
+  """HRank's filter property of one layer: average rank of its feature maps.
+
+  Args:
+    maps: ``[N, H, W, C]`` output feature maps of a layer (any float dtype); each
+      ``[H, W]`` slice is a matrix.
+    method: ``"svd"`` (numpy's ``matrix_rank`` rule, the default) or ``"gram"``
+      (eigenvalues of the Gram matrix; see :func:`_map_ranks` for its tolerance).
+
+  Returns:
+    float32 ``[C]``: ``mean_n rank(maps[n, :, :, c])``. Jittable (``method`` static);
+    all ``N * C`` maps are factored in one batched call.
+  """
+  chex.assert_rank(maps, 4)
+  _check_choice("rank method", method, RANK_METHODS)
+  return jnp.mean(_map_ranks(maps, method).astype(jnp.float32), axis=0)
+
+
+class _MaskProbe:
+  """Stands in for a group's mask during ``apply``: ``x * probe`` returns ``x * mask``
+  and records it in ``events`` as ``("mask", group, x * mask)``. Other attributes
+  (``shape``, ``dtype``, ...) are the mask's. No ``__jax_array__``: JAX would convert
+  the probe silently instead of deferring the product to ``__rmul__``."""
+
+  __array_ufunc__ = None  # make NumPy arrays defer to __rmul__
+
+  def __init__(self, group: str, mask: Array, events: list):
+    self.group, self.mask, self.events = group, mask, events
+
+  def __getattr__(self, name: str):
+    if name.startswith("__") or name in ("group", "mask", "events"):
+      raise AttributeError(name)
+    return getattr(self.mask, name)
+
+  def __mul__(self, other: Array) -> Array:
+    out = other * self.mask
+    self.events.append(("mask", self.group, out))
+    return out
+
+  __rmul__ = __mul__
+
+
+def _maps_from_events(events: list, structure: ModelStructure) -> dict[str, Array]:
+  """Each prunable layer's map: the first product of its group's mask after it ran."""
+  out_group = {l.name: l.out_group for l in structure.layers}
+  pending: dict[str, list[str]] = {}
+  maps = {}
+  for kind, key, value in events:
+    if kind == "layer" and out_group.get(key) is not None:
+      pending.setdefault(out_group[key], []).append(key)
+    elif kind == "mask":
+      for name in pending.pop(key, []):
+        maps[name] = value
+  return maps
+
+
+def _capture(model: nn.Module, structure: ModelStructure, variables: Mapping[str, Any],
+             images: Array, point: str) -> dict[str, Array]:
+  """Feature maps ``{layer: [N, H, W, C] or [N, C]}`` of every prunable layer."""
+  events: list = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, (QConv, QDense)):
+      events.append(("layer", "/".join(context.module.path), out))
+    return out
+
+  variables = dict(variables)
+  if point == "activation":
+    variables["masks"] = {g: _MaskProbe(g, m, events) for g, m in variables["masks"].items()}
+  with nn.intercept_methods(record):
+    model.apply(variables, images, train=False)
+  if point == "conv":
+    maps = {name: out for kind, name, out in events if kind == "layer"}
+  else:
+    maps = _maps_from_events(events, structure)
+  missing = [name for name in _prunable(structure) if name not in maps]
+  if missing:
+    raise UserError(
+        f"no {point} feature map was seen for layers {missing} (their group's mask is not "
+        f"applied as 'x * mask'): use point='conv'")
+  return {name: maps[name] for name in _prunable(structure)}
+
+
+@functools.lru_cache(maxsize=32)
+def _rank_sums_fn(model: nn.Module, structure: ModelStructure, point: str, method: str):
+  """Jitted ``(variables, images [B, H, W, C]) -> {layer: int32 [C]}``: ranks summed over B."""
+
+  def rank_sums(variables, images):
+    sums = {}
+    for name, m in _capture(model, structure, variables, images, point).items():
+      m = m if m.ndim == 4 else m[:, None, None, :]  # a dense output is a 1x1 map
+      sums[name] = jnp.sum(_map_ranks(m, method), axis=0, dtype=jnp.int32)
+    return sums
+
+  return jax.jit(rank_sums)
+
+
+def filter_property_rank(model: nn.Module, variables: Mapping[str, Any],
+                         batches: Iterable[Array], structure: ModelStructure, *,
+                         point: str = "activation", method: str = "svd") -> FilterProperty:
+  """HRank filter property of every prunable layer (DESIGN.md section 1).
+
+  Args:
+    model: a library model (static: hashable Flax module).
+    variables: ``{"params", "batch_stats", "masks", "quant"}`` of ``model``.
+    batches: iterable of float32 images ``[B, H, W, C]``, already normalized
+      (reference: 6 batches of 128 training images).
+    structure: ``model_structure(model, ...)``.
+    point: ``"activation"`` (HRank's post-activation map, the default) or ``"conv"``
+      (the raw conv output); see the module docstring.
+    method: ``"svd"`` or ``"gram"``; see :func:`feature_map_rank`.
+
+  Returns:
+    ``{layer_name: float32 [C_out]}``: for each prunable layer, the mean over all
+    images of the rank of each output channel's map. A masked-out channel has rank 0
+    with ``point="activation"``. One compiled function per batch shape; the sums
+    are accumulated on the host.
+  """
+  _check_choice("capture point", point, CAPTURE_POINTS)
+  _check_choice("rank method", method, RANK_METHODS)
+  fn = _rank_sums_fn(model, structure, point, method)
+  totals, count = None, 0
+  for images in batches:
+    chex.assert_rank(images, 4)
+    sums = jax.device_get(fn(variables, images))
+    totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
+    count += images.shape[0]
+  if not count:
+    raise UserError("filter_property_rank got no images: pass at least one non-empty batch")
+  return {k: jnp.asarray(totals[k] / count, jnp.float32) for k in _prunable(structure)}
+
+
+# ---------------------------------------------------------------------- weight-based
+
+
+def _kernels(params: Mapping[str, Any], structure: ModelStructure) -> dict[str, Array]:
+  """``{layer: kernel as [fan_in, C_out]}`` of the prunable layers."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for name in _prunable(structure):
+    kernel = flat[f"{name}/kernel"]
+    out[name] = jnp.reshape(kernel, (-1, kernel.shape[-1]))
+  return out
+
+
+def l1_norm(params: Mapping[str, Any], structure: ModelStructure) -> FilterProperty:
+  """``sum |W|`` over ``kh, kw, c_in`` of each output filter: ``{layer: float32 [C_out]}``.
+
+  ``params`` is the model's ``params`` collection (kernels HWIO, dense ``[in, out]``).
+  """
+  return {k: jnp.sum(jnp.abs(w), axis=0).astype(jnp.float32)
+          for k, w in _kernels(params, structure).items()}
+
+
+def l2_norm(params: Mapping[str, Any], structure: ModelStructure) -> FilterProperty:
+  """``sqrt(sum W^2)`` over ``kh, kw, c_in`` of each output filter: ``{layer: float32 [C_out]}``."""
+  return {k: jnp.sqrt(jnp.sum(jnp.square(w), axis=0)).astype(jnp.float32)
+          for k, w in _kernels(params, structure).items()}
+
+
+def bn_name(layer_name: str) -> str:
+  """Path of the BatchNorm that follows conv ``layer_name``, by the library's convention.
+
+  The last path component with its last ``"conv"`` replaced by ``"bn"``:
+  ``conv1 -> bn1`` (ResNet blocks), ``stem_conv -> stem_bn``, ``downsample_conv ->
+  downsample_bn``, ``expand_conv``/``dw_conv``/``project_conv``/``last_conv`` ->
+  ``*_bn`` (MobileNetV2), ``layer{i}/conv -> layer{i}/bn`` (VGG).
+  """
+  *prefix, last = layer_name.split("/")
+  i = last.rfind("conv")
+  if i < 0:
+    raise UserError(
+        f"layer {layer_name!r} has no 'conv' in its name, so no BatchNorm can be matched "
+        f"to it: use filter property 'l1', 'l2' or 'rank'")
+  return "/".join([*prefix, last[:i] + "bn" + last[i + 4:]])
+
+
+def bn_gamma(params: Mapping[str, Any], structure: ModelStructure) -> FilterProperty:
+  """``|gamma|`` (the BN ``scale``) after each prunable conv: ``{layer: float32 [C_out]}``.
+
+  The BN is found by :func:`bn_name`; a layer without one raises a UserError.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for name in _prunable(structure):
+    path = f"{bn_name(name)}/scale"
+    if path not in flat:
+      raise UserError(
+          f"layer {name!r} has no BatchNorm {bn_name(name)!r} after it (convention: its "
+          f"name with 'conv' replaced by 'bn'): use filter property 'l1', 'l2' or 'rank'")
+    out[name] = jnp.abs(flat[path]).astype(jnp.float32)
+  return out
+
+
+def filter_property(name: str, model: nn.Module, variables: Mapping[str, Any],
+                    batches: Iterable[Array] | None, structure: ModelStructure,
+                    **rank_options: str) -> FilterProperty:
+  """The filter property ``name`` of every prunable layer: ``{layer: float32 [C_out]}``.
+
+  Args:
+    name: ``"rank"`` (:func:`filter_property_rank`; needs ``batches``), ``"l1"``,
+      ``"l2"`` or ``"bn_gamma"`` (read ``variables["params"]`` only).
+    model, variables, batches, structure: as in :func:`filter_property_rank`.
+    **rank_options: ``point`` and ``method`` of :func:`filter_property_rank`.
+  """
+  _check_choice("filter property", name, FILTER_PROPERTIES)
+  if name == "rank":
+    if batches is None:
+      raise UserError("filter property 'rank' needs batches of images: pass batches=...")
+    return filter_property_rank(model, variables, batches, structure, **rank_options)
+  if rank_options:
+    raise UserError(f"options {sorted(rank_options)} apply to filter property 'rank' only")
+  fn = {"l1": l1_norm, "l2": l2_norm, "bn_gamma": bn_gamma}[name]
+  return fn(variables["params"], structure)
