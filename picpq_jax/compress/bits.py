@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from picpq_jax.compress.cost import check_masks
+from picpq_jax.compress.cost_model import check_masks
 from picpq_jax.errors import UserError
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS
 from picpq_jax.models.structure import LayerInfo, ModelStructure

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from picpq_jax.compress import cost as cost_lib
+from picpq_jax.compress import cost_model as cost_lib
 from picpq_jax.errors import UserError
 from picpq_jax.models.structure import ModelStructure
 

@@ -156,6 +156,8 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
   init_key, aug_key = jax.random.split(jax.random.key(config.seed))
   if variables is None:
     variables = models.init_variables(model, init_key, spec.input_shape)
+  else:  # the steps donate their state: never consume the caller's arrays
+    variables = jax.tree.map(jnp.copy, variables)
   state = create_train_state(variables, tx)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   state = jax.device_put(state, NamedSharding(mesh, P()))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from picpq_jax.compress import cost as cost_lib
+from picpq_jax.compress import cost_model as cost_lib
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model, get_spec, model_structure
 

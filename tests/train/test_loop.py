@@ -86,3 +86,14 @@ def test_resume_with_a_different_recipe_is_refused(tiny_folder, tmp_path, cache_
   with pytest.raises(UserError, match="--lr"):
     train_and_evaluate(_config(tiny_folder, tmp_path / "run", cache_dir, epochs=1, lr=0.2,
                                resume=True), print_fn=lambda s: None)
+
+
+def test_training_from_given_variables_leaves_the_callers_arrays_alive(tiny_folder, tmp_path,
+                                                                       cache_dir):
+  from picpq_jax import models
+  model = models.get_model("resnet8", num_classes=3)
+  variables = models.init_variables(model, jax.random.key(1), (32, 32, 3))
+  mask = variables["masks"]["stage1"]
+  train_and_evaluate(_config(tiny_folder, tmp_path / "run", cache_dir, epochs=1),
+                     variables=variables, stop_at_step=2, print_fn=lambda s: None)
+  np.testing.assert_array_equal(np.asarray(mask), np.ones(16))  # not donated away

@@ -1,0 +1,99 @@
+"""The configuration of ``picpq compress`` (reference settings as defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from picpq_jax.compress.cost_model import METRICS
+from picpq_jax.compress.search import SearchConfig
+from picpq_jax.errors import UserError
+from picpq_jax.options import check, option
+
+CRITERIA = ("rank", "l1", "l2", "bn_gamma")
+QUANTIZERS = ("dorefa", "lsq", "pact")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+  """Options of the PIC-PQ pipeline; ``metadata["help"]`` of each field is its ``--help``."""
+
+  checkpoint: str = option("", "workdir (or checkpoints folder) of the `picpq train` run to compress", flags=("--from",))
+  workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go")
+  data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
+  target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")
+  metric: str = option("flops", "budget metric: flops (MACs), params or bops")
+  safeguard: float = option(0.1, "fraction of each channel group always kept")
+  min_channels: int = option(2, "channels each group always keeps, at least")
+  criterion: str = option("rank", "filter property: rank (HRank feature-map rank), l1, l2 or bn_gamma")
+  fp_batches: int = option(6, "training batches the filter property is averaged over")
+  fp_batch_size: int = option(128, "batch size of the filter-property batches")
+  evolution: bool = option(True, "learn (a, b) by regularized evolution; --no-evolution uses a=1, b=0")
+  population: int = option(64, "members of the evolving population")
+  sample: int = option(16, "tournament sample size")
+  generations: int = option(400, "generations of regularized evolution")
+  children: int = option(1, "children evaluated per generation (in one compiled program)")
+  tau_hat: int = option(200, "SGD steps of masked fine-tuning per fitness evaluation")
+  mutation_rate: float = option(0.1, "fraction of layers a child mutates")
+  search_val_size: int = option(1000, "validation images that score a candidate")
+  strategy: str = option("map", "candidates inside one program: map (sequential) or vmap")
+  penalty: float = option(1 / 6, "bit penalty: bits = max_bits - ceil(penalty / sparsity)")
+  max_bits: str = option("reference", "per-conv maximum bits: 'reference' or a list like 32,8x18,6x18,4x18")
+  quantizer: str = option("dorefa", "quantization-aware fine-tuning quantizer: dorefa, lsq or pact")
+  ft_epochs: int = option(30, "full-precision fine-tuning epochs after pruning")
+  qat_epochs: int = option(30, "quantization-aware fine-tuning epochs")
+  lr: float = option(0.01, "fine-tuning learning rate (multi-step x0.2 at 30/60/80%)")
+  batch_size: int = option(128, "fine-tuning batch size")
+  weight_decay: float = option(5e-4, "fine-tuning weight decay")
+  seed: int = option(0, "seed of the search and the fine-tuning")
+  resume: bool = option(False, "continue a stopped run in workdir (finished stages are kept)")
+  progress: bool = option(True, "show progress bars")
+
+  def __post_init__(self):
+    if not self.checkpoint:
+      raise UserError("--from is required: pass the workdir of a `picpq train` run")
+    check(0.0 < self.target <= 1.0, "target", self.target, "(0, 1]")
+    check(self.metric in METRICS, "metric", self.metric, " or ".join(METRICS))
+    check(0.0 <= self.safeguard <= 1.0, "safeguard", self.safeguard, "[0, 1]")
+    check(self.min_channels >= 1, "min_channels", self.min_channels, "an integer >= 1")
+    check(self.criterion in CRITERIA, "criterion", self.criterion, " or ".join(CRITERIA))
+    check(self.fp_batches >= 1, "fp_batches", self.fp_batches, "an integer >= 1")
+    check(self.fp_batch_size >= 1, "fp_batch_size", self.fp_batch_size, "an integer >= 1")
+    check(self.penalty >= 0.0, "penalty", self.penalty, "a number >= 0")
+    check(self.quantizer in QUANTIZERS, "quantizer", self.quantizer, " or ".join(QUANTIZERS))
+    check(self.ft_epochs >= 0, "ft_epochs", self.ft_epochs, "an integer >= 0")
+    check(self.qat_epochs >= 0, "qat_epochs", self.qat_epochs, "an integer >= 0")
+    check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
+    check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+    check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    check(self.sample <= self.population, "sample", self.sample,
+          f"1..population ({self.population})")
+    self.search_config()  # validates the evolution settings
+    parse_max_bits(self.max_bits)
+
+  def search_config(self) -> SearchConfig:
+    return SearchConfig(
+        population=self.population, sample=self.sample, generations=self.generations,
+        children=self.children, tau_hat=self.tau_hat, mutation_rate=self.mutation_rate,
+        search_batch_size=self.batch_size, search_val_size=self.search_val_size,
+        strategy=self.strategy)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def parse_max_bits(text: str) -> tuple[int, ...] | None:
+  """``"reference"`` -> None; ``"32,8x18,6x2"`` -> ``(32, 8, ..., 6, 6)``."""
+  if text == "reference":
+    return None
+  bits = []
+  try:
+    for part in text.split(","):
+      value, _, count = part.strip().partition("x")
+      bits += [int(value)] * (int(count) if count else 1)
+  except ValueError:
+    raise UserError(f"--max-bits={text!r} is not a list like 32,8x18,6x18,4x18 or "
+                    f"'reference'") from None
+  if not all(1 <= b <= 32 for b in bits):
+    raise UserError(f"--max-bits={text!r}: every entry must lie in 1..32")
+  return tuple(bits)
+
