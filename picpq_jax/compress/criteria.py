@@ -25,7 +25,7 @@ their map is the (masked) block output. ``point="conv"`` takes the raw conv outp
 instead (before BN, activation and mask).
 
 The model files are not touched: maps are collected with ``nn.intercept_methods``
-and the mask probes, inside one jitted function per (model, structure, options),
+and the mask probes, inside one jitted function per (model, structure, point),
 which JAX compiles once per batch shape. Inference mode (``train=False``: BN running
 statistics), as HRank's ``net.eval()``.
 """
@@ -48,7 +48,6 @@ from picpq_jax.models.structure import ModelStructure
 Array = jax.Array
 FilterProperty = dict[str, Array]  # {layer_name: float32 [C_out]}, prunable layers only
 
-RANK_METHODS = ("svd", "gram")
 CAPTURE_POINTS = ("activation", "conv")
 FILTER_PROPERTIES = ("rank", "l1", "l2", "bn_gamma")
 
@@ -60,34 +59,23 @@ def _prunable(structure: ModelStructure) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- rank
 
 
-def _map_ranks(maps: Array, method: str) -> Array:
+def _map_ranks(maps: Array) -> Array:
   """Matrix rank of each ``[H, W]`` map of ``maps`` ``[N, H, W, C]`` -> int32 ``[N, C]``.
 
-  ``"svd"``: exactly ``numpy.linalg.matrix_rank``'s rule in float32: count the
-  singular values ``S > S.max() * max(H, W) * eps32``.
+  ``numpy.linalg.matrix_rank``'s rule, in float32: count the singular values
+  ``S > S.max() * max(H, W) * eps32``, all ``N * C`` maps in one batched SVD.
 
-  ``"gram"``: eigenvalues ``lambda = S^2`` of the ``k x k`` Gram matrix,
-  ``k = min(H, W)``, of the map scaled to ``max |M| = 1`` (so ``S^2`` neither
-  overflows nor underflows). Eigenvalues of a float32 Gram carry an absolute error of
-  order ``eps32 * lambda_max`` (measured: at most ``0.4 * k * eps32 * lambda_max``),
-  far above numpy's threshold ``(S.max() * max(H, W) * eps32)^2``, so the Gram's own
-  rank rule is used: ``lambda > lambda_max * k * eps32``, i.e. ``S > S.max() *
-  sqrt(k * eps32)`` (``2e-3 * S.max()`` at k=32). It equals numpy's rank unless a
-  singular value lies between the two thresholds, which post-ReLU maps often have:
-  hence ``"svd"`` is the default.
+  Not the Gram matrix: its eigenvalues ``S^2`` carry float32 noise of order
+  ``eps32 * S.max()^2``, so only ``S > S.max() * sqrt(k * eps32)`` (2e-3 at k=32)
+  can be resolved, and post-ReLU maps often have singular values between that and
+  numpy's threshold (3.8e-6 at 32x32). On this CPU the SVD is also faster (per
+  map: 51 vs 81 us at 32x32, 17 vs 28 us at 16x16, 6.4 vs 7.4 us at 8x8), and with
+  jaxlib 0.10.2 a jitted model forward followed by batched ``eigvalsh`` hung on CPU.
   """
   x = jnp.moveaxis(maps.astype(jnp.float32), -1, 1)  # [N, C, H, W]
-  h, w = x.shape[-2:]
-  eps = jnp.finfo(jnp.float32).eps
-  if method == "svd":
-    s = jnp.linalg.svd(x, compute_uv=False)  # [N, C, k], descending
-    return jnp.sum(s > s[..., :1] * (max(h, w) * eps), axis=-1, dtype=jnp.int32)
-  peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  x = x / jnp.where(peak > 0, peak, 1.0)
-  spec = "nchw,nchv->ncwv" if w <= h else "nchw,ncvw->nchv"
-  lam = jnp.linalg.eigvalsh(jnp.einsum(spec, x, x, precision=jax.lax.Precision.HIGHEST))
-  tol = jnp.max(lam, axis=-1, keepdims=True) * (min(h, w) * eps)
-  return jnp.sum(lam > tol, axis=-1, dtype=jnp.int32)
+  s = jnp.linalg.svd(x, compute_uv=False)  # [N, C, min(H, W)], descending
+  tol = s[..., :1] * (max(x.shape[-2:]) * jnp.finfo(jnp.float32).eps)
+  return jnp.sum(s > tol, axis=-1, dtype=jnp.int32)
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -95,22 +83,20 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
     raise UserError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
 
 
-def feature_map_rank(maps: Array, method: str = "svd") -> Array:
+def feature_map_rank(maps: Array) -> Array:
   """HRank's filter property of one layer: average rank of its feature maps.
 
   Args:
     maps: ``[N, H, W, C]`` output feature maps of a layer (any float dtype); each
       ``[H, W]`` slice is a matrix.
-    method: ``"svd"`` (numpy's ``matrix_rank`` rule, the default) or ``"gram"``
-      (eigenvalues of the Gram matrix; see :func:`_map_ranks` for its tolerance).
 
   Returns:
-    float32 ``[C]``: ``mean_n rank(maps[n, :, :, c])``. Jittable (``method`` static);
-    all ``N * C`` maps are factored in one batched call.
+    float32 ``[C]``: ``mean_n rank(maps[n, :, :, c])``, each rank by
+    ``numpy.linalg.matrix_rank``'s tolerance (see :func:`_map_ranks`). Jittable; all
+    ``N * C`` maps are factored in one batched SVD.
   """
   chex.assert_rank(maps, 4)
-  _check_choice("rank method", method, RANK_METHODS)
-  return jnp.mean(_map_ranks(maps, method).astype(jnp.float32), axis=0)
+  return jnp.mean(_map_ranks(maps).astype(jnp.float32), axis=0)
 
 
 class _MaskProbe:
@@ -180,14 +166,14 @@ def _capture(model: nn.Module, structure: ModelStructure, variables: Mapping[str
 
 
 @functools.lru_cache(maxsize=32)
-def _rank_sums_fn(model: nn.Module, structure: ModelStructure, point: str, method: str):
+def _rank_sums_fn(model: nn.Module, structure: ModelStructure, point: str):
   """Jitted ``(variables, images [B, H, W, C]) -> {layer: int32 [C]}``: ranks summed over B."""
 
   def rank_sums(variables, images):
     sums = {}
     for name, m in _capture(model, structure, variables, images, point).items():
       m = m if m.ndim == 4 else m[:, None, None, :]  # a dense output is a 1x1 map
-      sums[name] = jnp.sum(_map_ranks(m, method), axis=0, dtype=jnp.int32)
+      sums[name] = jnp.sum(_map_ranks(m), axis=0, dtype=jnp.int32)
     return sums
 
   return jax.jit(rank_sums)
@@ -195,7 +181,7 @@ def _rank_sums_fn(model: nn.Module, structure: ModelStructure, point: str, metho
 
 def filter_property_rank(model: nn.Module, variables: Mapping[str, Any],
                          batches: Iterable[Array], structure: ModelStructure, *,
-                         point: str = "activation", method: str = "svd") -> FilterProperty:
+                         point: str = "activation") -> FilterProperty:
   """HRank filter property of every prunable layer (DESIGN.md section 1).
 
   Args:
@@ -206,7 +192,6 @@ def filter_property_rank(model: nn.Module, variables: Mapping[str, Any],
     structure: ``model_structure(model, ...)``.
     point: ``"activation"`` (HRank's post-activation map, the default) or ``"conv"``
       (the raw conv output); see the module docstring.
-    method: ``"svd"`` or ``"gram"``; see :func:`feature_map_rank`.
 
   Returns:
     ``{layer_name: float32 [C_out]}``: for each prunable layer, the mean over all
@@ -215,8 +200,7 @@ def filter_property_rank(model: nn.Module, variables: Mapping[str, Any],
     are accumulated on the host.
   """
   _check_choice("capture point", point, CAPTURE_POINTS)
-  _check_choice("rank method", method, RANK_METHODS)
-  fn = _rank_sums_fn(model, structure, point, method)
+  fn = _rank_sums_fn(model, structure, point)
   totals, count = None, 0
   for images in batches:
     chex.assert_rank(images, 4)
@@ -299,7 +283,7 @@ def filter_property(name: str, model: nn.Module, variables: Mapping[str, Any],
     name: ``"rank"`` (:func:`filter_property_rank`; needs ``batches``), ``"l1"``,
       ``"l2"`` or ``"bn_gamma"`` (read ``variables["params"]`` only).
     model, variables, batches, structure: as in :func:`filter_property_rank`.
-    **rank_options: ``point`` and ``method`` of :func:`filter_property_rank`.
+    **rank_options: ``point`` of :func:`filter_property_rank`.
   """
   _check_choice("filter property", name, FILTER_PROPERTIES)
   if name == "rank":

@@ -179,7 +179,8 @@ def test_mutation_noise_scales_with_step_and_fp_std():
 
 
 def test_mutation_step_schedule():
-  assert [pic.num_mutated_layers(n, 0.1) for n in (3, 9, 10, 19, 30, 55, 70)] == [1, 1, 1, 1, 3, 5, 7]
+  counts = [pic.num_mutated_layers(n, 0.1) for n in (3, 9, 10, 19, 30, 55, 70)]
+  assert counts == [1, 1, 1, 1, 3, 5, 7]
   assert pic.mutation_step(0, 400) == 1.0
   assert pic.mutation_step(400, 400) == pytest.approx(0.2)
   assert pic.mutation_step(200, 400) == pytest.approx(0.6)
