@@ -66,11 +66,11 @@ def _plot_curves(path: str, workdir: str) -> bool:
       ax.plot([r["epoch"] for r in val], [r["val_accuracy"] for r in val], marker=".",
               label=stage)
       drawn = drawn or bool(val)
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("validation accuracy")
-  ax.legend()
-  fig.tight_layout()
   if drawn:
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.legend()
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
   plt.close(fig)
   return drawn

@@ -56,13 +56,15 @@ def test_candidate_loss_equals_a_plain_python_loop(setup):
   masks = prune_to_budget(pic.pic_importance(fp, a, b, structure), structure, 0.6).masks
   state = create_train_state({**variables, "masks": masks}, spec.tx)
   keys = jax.random.split(key, data.train_images.shape[0])
+  step = jax.jit(functools.partial(train_step, model=model, tx=spec.tx))
+  evaluate = jax.jit(functools.partial(eval_step, model=model))
   for t in range(data.train_images.shape[0]):
     x = spec.preprocess_train(keys[t], data.train_images[t])
-    state, _ = train_step(state, x, data.train_labels[t], model=model, tx=spec.tx)
+    state, _ = step(state, x, data.train_labels[t])
   loss_sum = count = 0.0
   for v in range(data.val_images.shape[0]):
-    out = eval_step(state.variables, spec.preprocess_eval(data.val_images[v]),
-                    data.val_labels[v], data.val_weights[v], model=model)
+    out = evaluate(state.variables, spec.preprocess_eval(data.val_images[v]),
+                   data.val_labels[v], data.val_weights[v])
     loss_sum += float(out["loss_sum"]); count += float(out["count"])
   np.testing.assert_allclose(float(got), loss_sum / count, rtol=1e-5)
 
