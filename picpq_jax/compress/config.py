@@ -35,7 +35,7 @@ class CompressConfig:
   tau_hat: int = option(200, "SGD steps of masked fine-tuning per fitness evaluation")
   mutation_rate: float = option(0.1, "fraction of layers a child mutates")
   search_val_size: int = option(1000, "validation images that score a candidate")
-  strategy: str = option("map", "candidates inside one program: map (sequential) or vmap")
+  strategy: str = option("map", "candidates inside one program: map (scan loops; accelerators), unroll (straight-line; fastest on CPU, compile grows with tau_hat) or vmap")
   penalty: float = option(1 / 6, "bit penalty: bits = max_bits - ceil(penalty / sparsity)")
   max_bits: str = option("reference", "per-conv maximum bits: 'reference' or a list like 32,8x18,6x18,4x18")
   quantizer: str = option("dorefa", "quantization-aware fine-tuning quantizer: dorefa, lsq or pact")

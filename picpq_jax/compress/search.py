@@ -39,7 +39,7 @@ class SearchConfig:
   mutation_rate: float = option(0.1, "fraction of layers a child mutates")
   search_batch_size: int = option(128, "batch size of the fitness fine-tuning and validation")
   search_val_size: int = option(1000, "validation images that score a candidate")
-  strategy: str = option("map", "candidates in one program: map (sequential) or vmap")
+  strategy: str = option("map", "candidates in one program: map, unroll or vmap")
 
   def __post_init__(self):
     checks = [

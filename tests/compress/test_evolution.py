@@ -69,14 +69,18 @@ def test_candidate_loss_equals_a_plain_python_loop(setup):
   np.testing.assert_allclose(float(got), loss_sum / count, rtol=1e-5)
 
 
-def test_map_and_vmap_strategies_agree(setup):
+def test_map_unroll_and_vmap_strategies_agree(setup):
   model, structure, variables, fp, train, val, config = setup
   data = search.stage_search_data(train, val, config, seed=0, generation=0)
   a, b = evolution.initial_population(jax.random.key(2), fp, structure, 3)
   key = jax.random.key(5)
   by_map = evolution.population_loss(_spec(model, structure, "map"), variables, fp, data, key, a, b)
   by_vmap = evolution.population_loss(_spec(model, structure, "vmap"), variables, fp, data, key, a, b)
+  by_unroll = jax.jit(functools.partial(evolution.population_loss,
+                                        _spec(model, structure, "unroll")))(
+      variables, fp, data, key, a, b)
   np.testing.assert_allclose(np.asarray(by_map), np.asarray(by_vmap), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(by_map), np.asarray(by_unroll), rtol=1e-4)
   assert len(set(np.round(np.asarray(by_map), 6))) == 3  # different genes, different losses
 
 
