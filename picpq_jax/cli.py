@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   add_config_options(compress, CompressConfig)
   compress.set_defaults(run=_cmd_compress)
+  from picpq_jax.federated.command import register as register_federated
+  register_federated(commands)
   listing = commands.add_parser("models", help="list the architectures with params and MACs")
   listing.set_defaults(run=_cmd_models)
   return parser

@@ -1,0 +1,102 @@
+"""The configuration of ``picpq federated``: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from picpq_jax.federated.partition import SCHEMES
+from picpq_jax.options import check, option
+from picpq_jax.train.config import SCHEDULES
+
+METHODS = ("splitfed", "sequential", "fedavg", "centralized")
+SPLIT_METHODS = ("splitfed", "sequential")
+CLIENT_LOOPS = ("vmap", "unroll")
+
+# Fields that must match between a checkpoint and a resumed run (the rest, such as
+# --devices or --client-loop, change how the work is laid out, not what it computes).
+RESUME_FIELDS = ("arch", "data", "val_size", "train_size", "clients", "partition", "alpha",
+                 "classes_per_client", "min_client_size", "participation", "cut", "rounds",
+                 "local_steps", "batch_size", "lr", "schedule", "momentum", "weight_decay",
+                 "sync_optimizer", "smashed_bits", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """Options of a federated run; ``metadata["help"]`` of each field is its ``--help``."""
+
+  arch: str = option("resnet20", "architecture (split methods: a CIFAR ResNet, resnet8..resnet110)")
+  data: str = option("embedded", "'embedded', a folder or .zip of <split>/<class>/<file>, a cifar-10-batches-py folder, or tfds:NAME")
+  workdir: str = option("runs/federated", "where each method's checkpoints and metrics, results.json, report.md and plot.png go")
+  val_size: int = option(500, "images held out from the training split for validation")
+  train_size: int = option(0, "train on a seeded subset of this many images (0: all the rest)")
+  methods: str = option("splitfed,sequential,fedavg,centralized", "comma-separated methods: splitfed (SplitFed-V1), sequential (one server model, clients in turn), fedavg, centralized")
+  clients: int = option(8, "number of simulated clients")
+  partition: str = option("iid", "how the training images are split over clients: iid, dirichlet or classes")
+  alpha: float = option(0.5, "Dirichlet concentration over labels (--partition dirichlet)")
+  classes_per_client: int = option(2, "classes each client holds (--partition classes)")
+  min_client_size: int = option(10, "smallest client a Dirichlet draw may produce")
+  participation: float = option(1.0, "fraction of clients (seeded sample) taking part in each round")
+  cut: int = option(1, "split point: 0 after the stem, k = 1..3 after stage k")
+  rounds: int = option(10, "communication rounds")
+  local_steps: int = option(10, "local SGD steps per client and round (E); averaging every E steps")
+  batch_size: int = option(32, "batch size of each client (centralized: this times the clients per round)")
+  lr: float = option(0.05, "peak learning rate")
+  schedule: str = option("cosine", "learning-rate schedule over all local steps: multistep, cosine or constant")
+  momentum: float = option(0.9, "Nesterov momentum")
+  weight_decay: float = option(5e-4, "L2 weight decay added to the gradients")
+  sync_optimizer: bool = option(False, "average the clients' momentum with their models (sent both ways; counted) instead of restarting it each round")
+  smashed_bits: int = option(32, "bits per value of the smashed data and its gradient: 32 = float32, 2..16 = uniform quantization")
+  devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide the clients per round)")
+  client_loop: str = option("vmap", "how a device runs several clients: vmap, or unroll (one after another in one program; faster on CPU)")
+  eval_every: int = option(1, "evaluate every N rounds (and after the last)")
+  seed: int = option(0, "seed of the split, partition, participation, shuffling, augmentation and initialization")
+  keep_checkpoints: int = option(2, "how many recent round checkpoints to keep per method")
+  resume: bool = option(False, "continue each method from its newest checkpoint in workdir")
+  cache_dir: str | None = option(None, "cache of decoded images (default $PICPQ_CACHE or ~/.cache/picpq_jax)")
+  progress: bool = option(True, "show a progress bar")
+  plot: bool = option(True, "write plot.png (needs matplotlib)")
+
+  def __post_init__(self):
+    check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
+    check(self.train_size >= 0, "train_size", self.train_size, "an integer >= 0 (0: all)")
+    for m in self.method_list:
+      check(m in METHODS, "methods", self.methods, f"a comma-separated subset of {','.join(METHODS)}")
+    check(len(set(self.method_list)) == len(self.method_list) and self.method_list, "methods",
+           self.methods, "each method once, at least one")
+    check(1 <= self.clients <= 100_000, "clients", self.clients, "1..100000")
+    check(self.partition in SCHEMES, "partition", self.partition, " or ".join(SCHEMES))
+    check(self.alpha > 0, "alpha", self.alpha, "a concentration > 0")
+    check(self.classes_per_client >= 1, "classes_per_client", self.classes_per_client, "an integer >= 1")
+    check(self.min_client_size >= 1, "min_client_size", self.min_client_size, "an integer >= 1")
+    check(0.0 < self.participation <= 1.0, "participation", self.participation, "(0, 1]")
+    check(0 <= self.cut <= 3, "cut", self.cut, "0 (after the stem) or 1..3 (after that stage)")
+    check(1 <= self.rounds <= 100_000, "rounds", self.rounds, "1..100000")
+    check(1 <= self.local_steps <= 100_000, "local_steps", self.local_steps, "1..100000")
+    check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
+    check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
+    check(self.schedule in SCHEDULES, "schedule", self.schedule, " or ".join(SCHEDULES))
+    check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+    check(0.0 <= self.weight_decay < 1.0, "weight_decay", self.weight_decay, "[0, 1)")
+    check(self.smashed_bits == 32 or 2 <= self.smashed_bits <= 16, "smashed_bits",
+           self.smashed_bits, "32 (no quantization) or 2..16")
+    check(self.devices >= 0, "devices", self.devices, "0 (automatic) or a device count")
+    check(self.client_loop in CLIENT_LOOPS, "client_loop", self.client_loop, " or ".join(CLIENT_LOOPS))
+    check(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+    check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+
+  @property
+  def method_list(self) -> tuple[str, ...]:
+    """``methods`` as a tuple of names."""
+    return tuple(m.strip() for m in self.methods.split(",") if m.strip())
+
+  def run_name(self, method: str) -> str:
+    """The folder and label of a method's run: ``splitfed``, ``splitfed-8bit``, ..."""
+    if method in SPLIT_METHODS and self.smashed_bits < 32:
+      return f"{method}-{self.smashed_bits}bit"
+    return method
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+

@@ -1,0 +1,402 @@
+"""``run_federated``: the run behind ``picpq federated``.
+
+Flat, top to bottom: load and split the data, partition it over the clients, build the
+model (and its cut), then train each requested method for ``rounds`` rounds from the
+same initial weights, evaluating, counting bytes and checkpointing after every round,
+and finally write ``results.json``, ``report.md`` and ``plot.png``.
+
+Every random draw derives from ``config.seed`` and the round number (partition,
+participants, each client's batches, augmentation), so a resumed run repeats an
+uninterrupted one. A method whose checkpoint already holds the last round is not
+retrained; its metrics are read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from picpq_jax import data as pdata
+from picpq_jax import models
+from picpq_jax.errors import UserError
+from picpq_jax.federated import comm, partition as fpart, report, rounds
+from picpq_jax.federated.config import RESUME_FIELDS, SPLIT_METHODS, FederatedConfig
+from picpq_jax.federated.distributed import AXIS, clients_mesh
+from picpq_jax.federated.split import SplitModel, split_model
+from picpq_jax.federated.steps import PartState, constants, model_step, split_step
+from picpq_jax.train import optim
+from picpq_jax.train.checkpoint import Checkpoints
+from picpq_jax.train.loop import evaluate
+from picpq_jax.train.metrics import JsonlWriter, read_jsonl, write_atomic
+from picpq_jax.train.steps import jit_eval_step
+
+
+class FedState(flax.struct.PyTreeNode):
+  """A method's global state between rounds (what a checkpoint holds)."""
+
+  round: jax.Array  # int32 scalar: rounds finished
+  parts: dict[str, PartState]  # {"model"} or {"client", "server"}
+
+
+def _global_array(mesh: Mesh, spec: P, shape: tuple[int, ...],
+                  fill: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+  """A sharded array whose shards ``fill(index)`` builds on the host that owns them."""
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), fill)
+
+
+def _gather(source: np.ndarray, rows: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+  """``source[rows][index]``, reading only the examples that the shard ``index`` needs."""
+  out = source[rows[index[:rows.ndim]]]
+  return out[(slice(None),) * rows.ndim + tuple(index[rows.ndim:])]
+
+
+def client_round_batch(mesh: Mesh, train: pdata.ImageDataset, parts: list[np.ndarray],
+                       ids: np.ndarray, seed: int, round_index: int, local_steps: int,
+                       batch_size: int) -> dict[str, jax.Array]:
+  """The round's inputs for federated methods (see :mod:`picpq_jax.federated.rounds`).
+
+  Returns ``image`` uint8 ``[M, E, B, H, W, 3]``, ``label`` int32 ``[M, E, B]``,
+  ``client`` int32 ``[M]`` and ``weight`` float32 ``[M]`` (client sample counts), all
+  sharded over ``clients``; each host reads only its own clients' images.
+  """
+  rows = np.stack([fpart.client_batch_indices(parts[k], seed, int(k), round_index,
+                                              local_steps, batch_size) for k in ids])
+  counts = np.asarray([len(parts[k]) for k in ids], np.float32)
+  m, spec = len(ids), P(AXIS)
+  return {
+      "image": _global_array(mesh, spec, (*rows.shape, *train.image_shape),
+                             lambda i: _gather(train.images, rows, i)),
+      "label": _global_array(mesh, spec, rows.shape, lambda i: _gather(train.labels, rows, i)),
+      "client": _global_array(mesh, spec, (m,), lambda i: ids.astype(np.int32)[i]),
+      "weight": _global_array(mesh, spec, (m,), lambda i: counts[i]),
+  }
+
+
+def central_round_batch(mesh: Mesh, train: pdata.ImageDataset, seed: int, round_index: int,
+                        local_steps: int, global_batch: int) -> dict[str, jax.Array]:
+  """``E`` global batches of the union of the clients' data: ``[E, G, ...]``, G sharded.
+
+  Global step ``s = round * E + t`` is batch ``s % S`` of epoch ``s // S`` of
+  :func:`picpq_jax.data.batch_indices` (``S`` batches per epoch).
+  """
+  per_epoch = pdata.steps_per_epoch(len(train), global_batch)
+  steps = round_index * local_steps + np.arange(local_steps)
+  epochs = {e: pdata.batch_indices(len(train), global_batch, seed, int(e))
+            for e in np.unique(steps // max(per_epoch, 1))}
+  rows = np.stack([epochs[s // per_epoch][s % per_epoch] for s in steps])
+  spec = P(None, AXIS)
+  return {
+      "image": _global_array(mesh, spec, (*rows.shape, *train.image_shape),
+                             lambda i: _gather(train.images, rows, i)),
+      "label": _global_array(mesh, spec, rows.shape, lambda i: _gather(train.labels, rows, i)),
+  }
+
+
+def load_client_data(config: FederatedConfig, input_shape: tuple[int, ...]):
+  """``(train, val, parts)``: the data, checked against the model, and its partition."""
+  dataset = pdata.load_dataset(config.data, split="train", cache_dir=config.cache_dir)
+  if tuple(dataset.images.shape[1:]) != tuple(input_shape):
+    raise UserError(f"--data images are {tuple(dataset.images.shape[1:])} but --arch "
+                    f"{config.arch} takes {tuple(input_shape)}: choose a matching model or data")
+  train, val = pdata.train_val_split(dataset, config.val_size, config.seed)
+  if config.train_size:
+    if config.train_size > len(train):
+      raise UserError(f"--train-size={config.train_size} exceeds the {len(train)} training "
+                      f"images: use at most {len(train)}, or 0 for all")
+    keep = np.random.default_rng([config.seed, 3]).permutation(len(train))[:config.train_size]
+    train = train.subset(np.sort(keep))
+  parts = fpart.partition_labels(
+      train.labels, config.clients, config.partition, config.seed, alpha=config.alpha,
+      classes_per_client=config.classes_per_client,
+      min_size=min(config.min_client_size, max(1, len(train) // config.clients)))
+  return train, val, parts
+
+
+def _check_resume(meta: dict, config: FederatedConfig, split_method: bool, directory: str) -> None:
+  saved = meta.get("config", {})
+  for field in RESUME_FIELDS:
+    if not split_method and field in ("cut", "smashed_bits"):
+      continue
+    if field in saved and saved[field] != getattr(config, field):
+      raise UserError(
+          f"cannot resume {directory}: it was made with --{field.replace('_', '-')}="
+          f"{saved[field]!r}, not {getattr(config, field)!r}; pass the same value or "
+          f"choose another --workdir")
+
+
+def _open_checkpoints(config: FederatedConfig, directory: str,
+                      split_method: bool) -> tuple[Checkpoints, int | None]:
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  latest = None
+  if os.path.isdir(ckpt_dir):
+    probe = Checkpoints(ckpt_dir)
+    latest = probe.latest_step()
+    probe.close()
+  if latest is not None and not config.resume:
+    raise UserError(f"{directory} already holds a checkpoint (round {latest}): pass --resume "
+                    f"to continue it, or choose another --workdir")
+  checkpoints = Checkpoints(ckpt_dir, 1, config.keep_checkpoints)
+  if latest is not None:
+    _check_resume(checkpoints.restore_meta(latest), config, split_method, directory)
+  return checkpoints, latest
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """What every method of a run shares: data, partition, mesh, model, optimizer, steps."""
+
+  config: FederatedConfig
+  train: pdata.ImageDataset
+  val: pdata.ImageDataset
+  parts: list[np.ndarray]  # each client's indices into train
+  mesh: Mesh
+  model: Any  # the whole model (unbound Flax module)
+  split: SplitModel | None  # its cut, when a split method runs
+  variables: dict  # initial variables, shared by every method
+  tx: Any  # optimizer with learning rate 1 (see picpq_jax.federated.steps)
+  schedule: Callable  # global step -> learning rate
+  preprocess: Callable  # (key, uint8 images) -> augmented, normalized float32
+  eval_step: Callable  # jitted eval step of the whole model
+  meta: dict  # JSON facts saved with every checkpoint
+
+
+class Program(NamedTuple):
+  """How one method trains: its initial state and the functions of its rounds."""
+
+  state: FedState  # initial global state
+  consts: dict  # masks and quant of each part
+  round_fn: Callable  # (parts, consts, batch, lrs, key, bits) -> (parts, metric sums)
+  eval_variables: Callable[[FedState], dict]  # the whole model's variables
+  traffic: Callable[[int], comm.Traffic]  # bytes of round r (0-based)
+  fp32_traffic: Callable[[int], comm.Traffic]  # the same without quantization
+
+
+def _method_program(setup: Setup, method: str) -> Program:
+  """The :class:`Program` of ``method``, all methods starting from ``setup.variables``."""
+  c, tx = setup.config, setup.tx
+  m = fpart.participants_per_round(c.clients, c.participation)
+  if method in SPLIT_METHODS:
+    cv, sv = setup.split.split(setup.variables)
+    parts = {"client": PartState.create(cv, tx), "server": PartState.create(sv, tx)}
+    consts = {"client": constants(cv), "server": constants(sv)}
+    if method == "splitfed":
+      fn = rounds.parallel_round(functools.partial(split_step, setup.split, tx), tx,
+                                 setup.preprocess, setup.mesh,
+                                 reset=() if c.sync_optimizer else ("client",),
+                                 client_loop=c.client_loop)
+    else:
+      fn = rounds.sequential_round(setup.split, tx, setup.preprocess, setup.mesh,
+                                   reset_client=not c.sync_optimizer, client_loop=c.client_loop)
+    x = jax.ShapeDtypeStruct((c.batch_size, *setup.train.image_shape), jnp.float32)
+    smashed = jax.eval_shape(functools.partial(setup.split.client.apply, train=False), cv, x)
+    labels = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
+    synced = _synced(parts["client"], c.sync_optimizer)
+    traffic = lambda r: comm.split_traffic(smashed, labels, synced, m, c.local_steps,
+                                           c.smashed_bits)
+    fp32 = lambda r: comm.split_traffic(smashed, labels, synced, m, c.local_steps)
+
+    def eval_vars(state):
+      return setup.split.merge(state.parts["client"].variables(consts["client"]),
+                               state.parts["server"].variables(consts["server"]))
+  else:
+    parts = {"model": PartState.create(setup.variables, tx)}
+    consts = {"model": constants(setup.variables)}
+    if method == "fedavg":
+      fn = rounds.parallel_round(functools.partial(model_step, setup.model, tx), tx,
+                                 setup.preprocess, setup.mesh,
+                                 reset=() if c.sync_optimizer else ("model",),
+                                 client_loop=c.client_loop)
+      synced = _synced(parts["model"], c.sync_optimizer)
+      traffic = lambda r: comm.fedavg_traffic(synced, m)
+    else:
+      fn = rounds.centralized_round(setup.model, tx, setup.preprocess, setup.mesh)
+      images = jax.ShapeDtypeStruct(setup.train.images.shape, jnp.uint8)
+      labels = jax.ShapeDtypeStruct(setup.train.labels.shape, jnp.int32)
+      traffic = lambda r: comm.centralized_traffic(images, labels, first_round=r == 0)
+    fp32 = traffic
+
+    def eval_vars(state):
+      return state.parts["model"].variables(consts["model"])
+  state = FedState(round=jnp.zeros((), jnp.int32), parts=parts)
+  return Program(state, consts, fn, eval_vars, traffic, fp32)
+
+
+def _synced(part: PartState, with_optimizer: bool) -> dict:
+  """What a client exchanges each round: params and BN statistics (and momentum)."""
+  out = {"params": part.params, "batch_stats": part.batch_stats}
+  if with_optimizer:
+    out["opt_state"] = part.opt_state
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out)
+
+
+def _run_round(setup: Setup, method: str, program: Program, state: FedState,
+               r: int) -> tuple[FedState, dict[str, Any]]:
+  """Round ``r`` (0-based) of ``method``: data, local training, averaging, evaluation."""
+  c = setup.config
+  t0 = time.time()
+  m = fpart.participants_per_round(c.clients, c.participation)
+  ids = fpart.sample_participants(c.clients, c.participation, c.seed, r)
+  if method == "centralized":
+    batch = central_round_batch(setup.mesh, setup.train, c.seed, r, c.local_steps,
+                                m * c.batch_size)
+  else:
+    batch = client_round_batch(setup.mesh, setup.train, setup.parts, ids, c.seed, r,
+                               c.local_steps, c.batch_size)
+  lrs = jnp.asarray(setup.schedule(r * c.local_steps + np.arange(c.local_steps)), jnp.float32)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 1), r)
+  parts, out = program.round_fn(state.parts, program.consts, batch, lrs, key,
+                                jnp.asarray(c.smashed_bits, jnp.int32))
+  state = FedState(round=jnp.asarray(r + 1, jnp.int32), parts=parts)
+  out = {k: float(v) for k, v in jax.device_get(out).items()}
+  record = {"step": r + 1, "round": r + 1, "lr": float(lrs[-1]),
+            "train_loss": out["loss_sum"] / out["count"],
+            "train_accuracy": out["correct"] / out["count"],
+            "participants": [int(i) for i in ids],
+            **_traffic_record(program.traffic(r), program.fp32_traffic(r))}
+  if len(setup.val) and ((r + 1) % c.eval_every == 0 or r + 1 == c.rounds):
+    to_global = functools.partial(jax.make_array_from_process_local_data,
+                                  NamedSharding(setup.mesh, P(AXIS)))
+    eval_batch = -(-256 // setup.mesh.size) * setup.mesh.size
+    val = evaluate(setup.eval_step, program.eval_variables(state), setup.val, eval_batch,
+                   to_global)
+    record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+  record["round_time_s"] = time.time() - t0
+  return state, record
+
+
+def train_method(setup: Setup, method: str, stop_after_round: int | None = None,
+                 print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains one method for ``config.rounds`` rounds (resuming its checkpoint); returns
+  its summary (see :func:`picpq_jax.federated.report.summarize`)."""
+  c = setup.config
+  name = c.run_name(method)
+  directory = os.path.join(os.path.abspath(c.workdir), name)
+  checkpoints, latest = _open_checkpoints(c, directory, method in SPLIT_METHODS)
+  program = _method_program(setup, method)
+  replicated = NamedSharding(setup.mesh, P())
+  program = program._replace(state=jax.device_put(program.state, replicated),
+                             consts=jax.device_put(program.consts, replicated))
+  state = program.state
+  if latest is not None:
+    state, _ = checkpoints.restore(state, latest)
+  start = int(jax.device_get(state.round))
+  primary = jax.process_index() == 0  # one host writes the files a person reads
+  path = os.path.join(directory, "metrics.jsonl")
+  records = ([rec for rec in read_jsonl(path) if rec["step"] <= start]
+             if latest is not None and os.path.exists(path) else [])
+  metrics = JsonlWriter(path, resume_from_step=start if latest is not None else None) \
+      if primary else None
+  bar = tqdm(total=c.rounds, initial=start, disable=not (c.progress and primary), desc=name,
+             unit="round", dynamic_ncols=True)
+  r = start
+  try:
+    while r < c.rounds and (stop_after_round is None or r < stop_after_round):
+      state, record = _run_round(setup, method, program, state, r)
+      r += 1
+      checkpoints.save(r, state, {**setup.meta, "method": method, "round": r}, force=True)
+      records.append(record)
+      if metrics:
+        metrics.write(record)
+      bar.update(1)
+      bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                      acc=f"{record.get('val_accuracy', float('nan')):.3f}",
+                      MB=f"{sum(x['total_bytes'] for x in records) / 1e6:,.1f}")
+  except KeyboardInterrupt:
+    print_fn(f"interrupted in round {r + 1} of {name}; rounds 1..{checkpoints.latest_step() or 0} "
+             f"are saved in {directory}: rerun with --resume to continue")
+    raise
+  finally:
+    bar.close()
+    if metrics:
+      metrics.close()
+    checkpoints.close()
+  summary = report.summarize(name, method, c, records)
+  if primary:
+    write_atomic(os.path.join(directory, "summary.json"), json.dumps(summary, indent=2))
+  return summary
+
+
+def _traffic_record(t: comm.Traffic, fp32: comm.Traffic) -> dict[str, Any]:
+  return {"up_bytes": t.up_bytes, "down_bytes": t.down_bytes, "total_bytes": t.total_bytes,
+          "up": t.up, "down": t.down, "fp32_total_bytes": fp32.total_bytes}
+
+
+def setup_run(config: FederatedConfig, print_fn: Callable[[str], None] = print) -> Setup:
+  """Data, partition, mesh, model, optimizer and steps shared by every method."""
+  spec = models.get_spec(config.arch)
+  needs_split = any(m in SPLIT_METHODS for m in config.method_list)
+  if needs_split:
+    split_model(config.arch, config.cut)  # bad --arch/--cut fail before the data loads
+  m = fpart.participants_per_round(config.clients, config.participation)
+  mesh = clients_mesh(m, config.devices)
+  train, val, parts = load_client_data(config, spec.input_shape)
+  hist = fpart.label_histogram(train.labels, parts, train.num_classes)
+  print_fn(f"{config.partition} partition of {len(train)} training images over "
+           f"{config.clients} clients ({m} per round, {mesh.size} devices):\n"
+           + fpart.format_histogram(hist, train.class_names))
+  mean, std = pdata.channel_stats(train.images)
+  model = models.get_model(config.arch, num_classes=train.num_classes)
+  split = split_model(model, config.cut) if needs_split else None
+  variables = jax.device_get(  # on the host: each method copies it to the mesh
+      models.init_variables(model, jax.random.key(config.seed), spec.input_shape))
+  mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
+  meta = {"config": config.to_dict(), "class_names": list(train.class_names),
+          "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+          "client_sizes": [len(p) for p in parts], "label_histogram": hist.tolist(),
+          "num_train": len(train), "num_val": len(val)}
+  return Setup(
+      config=config, train=train, val=val, parts=parts, mesh=mesh, model=model, split=split,
+      variables=variables, tx=optim.sgd_nesterov(1.0, config.momentum, config.weight_decay),
+      schedule=optim.make_schedule(config.schedule, config.lr, config.rounds * config.local_steps),
+      preprocess=lambda key, x: pdata.normalize(pdata.augment(key, x), mean_j, std_j),
+      eval_step=jit_eval_step(model, lambda x: pdata.normalize(x, mean_j, std_j)), meta=meta)
+
+
+def run_federated(config: FederatedConfig, *, stop_after_round: int | None = None,
+                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains every method of ``config`` and writes the report to ``config.workdir``.
+
+  On several hosts, call :func:`~picpq_jax.federated.initialize_if_multihost` first.
+
+  Args:
+    config: the run's options.
+    stop_after_round: stop each method after this round as if interrupted (its
+      checkpoint stands; ``--resume`` continues); for tests and split sessions.
+    print_fn: where the partition table and the results table go.
+
+  Returns:
+    The results (also ``workdir/results.json``): config, partition, and per run its
+    accuracy per round and bytes communicated.
+  """
+  t_start = time.time()
+  setup = setup_run(config, print_fn)
+  runs = {}
+  for method in config.method_list:
+    summary = train_method(setup, method, stop_after_round, print_fn)
+    runs[summary["name"]] = summary
+  results = {
+      "config": config.to_dict(), "num_train": len(setup.train), "num_val": len(setup.val),
+      "client_sizes": setup.meta["client_sizes"], "label_histogram": setup.meta["label_histogram"],
+      "class_names": setup.meta["class_names"],
+      "devices": f"{setup.mesh.size} x {jax.devices()[0].device_kind}",
+      "processes": jax.process_count(), "runs": runs, "wall_time_s": time.time() - t_start,
+  }
+  os.makedirs(config.workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_atomic(os.path.join(config.workdir, "results.json"), json.dumps(results, indent=2))
+    write_atomic(os.path.join(config.workdir, "report.md"), report.markdown(results))
+    if config.plot:
+      report.plot(results, os.path.join(config.workdir, "plot.png"))
+  print_fn(report.table(results))
+  return results
