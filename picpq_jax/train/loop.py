@@ -107,10 +107,17 @@ def _save_on_interrupt(checkpoints: Checkpoints, step: int, state, meta: dict) -
     pass
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(model, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+  """One jitted eval step per (model, normalization), reused across calls."""
+  return jit_eval_step(model, lambda x: pdata.normalize(x, jnp.asarray(mean), jnp.asarray(std)))
+
+
 def evaluate_dataset(model, variables: dict, dataset, batch_size: int, mean, std,
                      ) -> dict[str, float]:
   """Mean loss and accuracy of ``model`` on every example of ``dataset`` (one device)."""
-  step = jit_eval_step(model, lambda x: pdata.normalize(x, jnp.asarray(mean), jnp.asarray(std)))
+  step = _cached_eval_step(model, tuple(np.asarray(mean, np.float64).tolist()),
+                           tuple(np.asarray(std, np.float64).tolist()))
   return evaluate(step, variables, dataset, batch_size, jnp.asarray)
 
 
