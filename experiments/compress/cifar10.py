@@ -7,8 +7,9 @@ the repo root):
 
 writes ``runs/compress/<name>`` (every stage, resumable with ``--resume``) and
 copies ``report.json``/``report.md``/PNGs to ``experiments/compress/results/<name>/``.
-``--no-evolution`` and ``--criterion l1`` give the comparisons the issue asks for
-at the same budget. ``--quick`` shrinks everything to a smoke run on the bundled data.
+``--no-evolution``, ``--criterion l1`` and ``--allocation uniform --uniform-bits B``
+give the comparisons the issue asks for at the same budget. ``--quick`` shrinks
+everything to a smoke run on the bundled data.
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ SHARED_ZIP = ROOT.parent / "shared" / "data" / "cifar10" / "train.zip"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: bool
-               ) -> CompressConfig:
+def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: bool,
+               allocation: str = "global", uniform_bits: int = 4) -> CompressConfig:
   """A CPU-sized budget: a small evolution, 3 + 3 epochs of fine-tuning."""
   if quick:
     return CompressConfig(checkpoint=str(BASELINE), data="embedded",
                           workdir=f"runs/compress/{name}-quick", population=2, sample=1,
                           generations=1, tau_hat=1, search_val_size=64, ft_epochs=1,
                           qat_epochs=1, fp_batches=1, evolution=evolution, criterion=criterion,
-                          resume=resume)
+                          resume=resume, allocation=allocation, uniform_bits=uniform_bits)
   return CompressConfig(checkpoint=str(BASELINE), data=str(SHARED_ZIP),
                         workdir=f"runs/compress/{name}", target=0.45, population=8, sample=4,
                         generations=8, tau_hat=20, search_val_size=1000, ft_epochs=3,
                         qat_epochs=3, evolution=evolution, criterion=criterion, resume=resume,
-                        strategy="unroll")
+                        strategy="unroll", allocation=allocation, uniform_bits=uniform_bits)
 
 
 def main(argv=None) -> int:
@@ -49,10 +50,13 @@ def main(argv=None) -> int:
   parser.add_argument("--name", default="pic-evolved")
   parser.add_argument("--evolution", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--criterion", default="rank")
+  parser.add_argument("--allocation", default="global", choices=("global", "uniform"))
+  parser.add_argument("--uniform-bits", type=int, default=4)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--resume", action="store_true")
   args = parser.parse_args(argv)
-  config = get_config(args.name, args.evolution, args.criterion, args.quick, args.resume)
+  config = get_config(args.name, args.evolution, args.criterion, args.quick, args.resume,
+                      args.allocation, args.uniform_bits)
   start = time.time()
   report = run_compress(config)
   if not args.quick:

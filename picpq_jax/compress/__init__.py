@@ -5,7 +5,7 @@ Each step is a pure function that can be called alone (in a notebook) or compose
 :func:`run_compress` chains them into the ``picpq compress`` pipeline.
 """
 
-from picpq_jax.compress.bits import assign_bits
+from picpq_jax.compress.bits import assign_bits, uniform_bits
 from picpq_jax.compress.bits import depth_thirds_max_bits
 from picpq_jax.compress.bits import layer_sparsity
 from picpq_jax.compress.bits import reference_max_bits
@@ -46,7 +46,7 @@ from picpq_jax.compress.pic import pic_importance
 from picpq_jax.compress.pic import prunable_layers
 from picpq_jax.compress.pipeline import run_compress
 from picpq_jax.compress.prune import PruneResult
-from picpq_jax.compress.prune import prune_to_budget
+from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.compress.quantizers import LSQ
 from picpq_jax.compress.quantizers import PACT
 from picpq_jax.compress.quantizers import DoReFa

@@ -200,8 +200,34 @@ def assign_bits(structure: ModelStructure, params_original: Any, masks: Mapping[
     quantized = lost & (maxb < FULL_PRECISION_BITS)
     assigned = jnp.where(quantized, reduced, maxb).astype(jnp.int32)
     bits.update({l.name: assigned[i] for i, l in enumerate(convs)})
+  return _quant_collection(bits)
+
+
+def _quant_collection(bits: Mapping[str, Array]) -> dict:
+  """``{layer name: bits}`` -> the nested ``quant`` collection (``w_bits == a_bits``)."""
   flat = {}
   for name, b in bits.items():
     flat[f"{name}/w_bits"] = b
     flat[f"{name}/a_bits"] = b
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def uniform_bits(structure: ModelStructure, bits: int, max_bits: Sequence[int]) -> dict:
+  """The same bit-width for every quantized conv: the uniform baseline's ``quant``.
+
+  Convs whose ``max_bits`` entry is below 32 get ``bits`` whether pruned or not;
+  the rest (the first conv, dense layers, convs that write no group) stay at 32, as
+  in :func:`assign_bits`, so the two differ only in how the quantized convs' bits
+  are chosen.
+
+  Returns:
+    The ``quant`` collection (int32 scalars), as :func:`assign_bits` returns it.
+  """
+  maxb = _check_bits_args(structure, max_bits, REFERENCE_PENALTY, 1)
+  if int(bits) != bits or not 1 <= bits < FULL_PRECISION_BITS:
+    raise UserError(f"uniform bits={bits} must be an integer in 1..{FULL_PRECISION_BITS - 1}")
+  out = {l.name: jnp.int32(FULL_PRECISION_BITS) for l in structure.layers}
+  for layer, b in zip(prunable_convs(structure), maxb):
+    if b < FULL_PRECISION_BITS:
+      out[layer.name] = jnp.int32(bits)
+  return _quant_collection(out)

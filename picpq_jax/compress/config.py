@@ -10,6 +10,7 @@ from picpq_jax.errors import UserError
 from picpq_jax.options import check, option
 
 CRITERIA = ("rank", "l1", "l2", "bn_gamma")
+ALLOCATIONS = ("global", "uniform")
 QUANTIZERS = ("dorefa", "lsq", "pact")
 
 
@@ -22,6 +23,8 @@ class CompressConfig:
   data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
   target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")
   metric: str = option("flops", "budget metric: flops (MACs), params or bops")
+  allocation: str = option("global", "how pruning and bits are spread: global (PIC: all channels ranked together, bits from each layer's sparsity) or uniform (the baseline: every group keeps the same fraction, every quantized conv gets --uniform-bits)")
+  uniform_bits: int = option(4, "bit-width of every quantized conv with --allocation uniform")
   safeguard: float = option(0.1, "fraction of each channel group always kept")
   min_channels: int = option(2, "channels each group always keeps, at least")
   criterion: str = option("rank", "filter property: rank (HRank feature-map rank), l1, l2 or bn_gamma")
@@ -53,6 +56,11 @@ class CompressConfig:
       raise UserError("--from is required: pass the workdir of a `picpq train` run")
     check(0.0 < self.target <= 1.0, "target", self.target, "(0, 1]")
     check(self.metric in METRICS, "metric", self.metric, " or ".join(METRICS))
+    check(self.allocation in ALLOCATIONS, "allocation", self.allocation, " or ".join(ALLOCATIONS))
+    check(1 <= self.uniform_bits <= 31, "uniform_bits", self.uniform_bits, "1..31")
+    if self.allocation == "uniform" and self.evolution:
+      raise UserError("--allocation uniform keeps the same fraction of every group, so there "
+                      "are no (a, b) to learn: add --no-evolution")
     check(0.0 <= self.safeguard <= 1.0, "safeguard", self.safeguard, "[0, 1]")
     check(self.min_channels >= 1, "min_channels", self.min_channels, "an integer >= 1")
     check(self.criterion in CRITERIA, "criterion", self.criterion, " or ".join(CRITERIA))

@@ -7,7 +7,9 @@ run resumes at the first unfinished one (``--resume``):
 2. ``filter_property``: FP of every prunable layer on a few training batches;
 3. ``genes``: ``(a, b)`` from regularized evolution (``evolution/`` holds its
    per-generation checkpoints), or ``a = 1, b = 0`` with ``--no-evolution``;
-4. ``plan``: PIC importance, masks pruned to the budget, bit-widths from sparsity;
+4. ``plan``: PIC importance, masks pruned to the budget, bit-widths from sparsity
+   (``--allocation uniform``: the same kept fraction in every group and
+   ``--uniform-bits`` for every quantized conv, the baseline of the comparison);
 5. ``finetune/``: full-precision fine-tuning of the masked model (a training run);
 6. ``qat/``: quantization-aware fine-tuning at the assigned bit-widths;
 7. ``compact``/``export``: the kept channels sliced into a small dense model
@@ -35,7 +37,7 @@ from picpq_jax.compress import criteria, evolution, pic, quantizers, report, sea
 from picpq_jax.compress.compact import compact, zero_pruned_weights
 from picpq_jax.compress.export import export, load_exported
 from picpq_jax.compress.config import CompressConfig, parse_max_bits
-from picpq_jax.compress.prune import prune_to_budget
+from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.errors import UserError
 from picpq_jax.train import TrainConfig, optim, train_and_evaluate
 from picpq_jax.train.checkpoint import load_variables
@@ -139,15 +141,19 @@ def _search_genes(config, model, structure, variables, fp, train, val, mean, std
 def _plan(config, arch, structure, variables, fp, genes) -> dict:
   importance = pic.pic_importance(fp, jnp.asarray(genes["a"]), jnp.asarray(genes["b"]),
                                   structure)
-  pruned = prune_to_budget(importance, structure, config.target, metric=config.metric,
-                           safeguard=config.safeguard, min_channels=config.min_channels)
+  prune = prune_uniform if config.allocation == "uniform" else prune_to_budget
+  pruned = prune(importance, structure, config.target, metric=config.metric,
+                 safeguard=config.safeguard, min_channels=config.min_channels)
   if not bool(pruned.reached):
     raise UserError(f"--target={config.target} cannot be reached with --safeguard="
                     f"{config.safeguard} and --min-channels={config.min_channels}: "
                     f"raise the target or lower the safeguard")
   max_bits = parse_max_bits(config.max_bits) or bits_lib.reference_max_bits(arch, structure)
-  quant = bits_lib.assign_bits(structure, variables["params"], pruned.masks, max_bits,
-                               config.penalty)
+  if config.allocation == "uniform":
+    quant = bits_lib.uniform_bits(structure, config.uniform_bits, max_bits)
+  else:
+    quant = bits_lib.assign_bits(structure, variables["params"], pruned.masks, max_bits,
+                                 config.penalty)
   return {**_flat(pruned.masks, "masks"), **_flat(quant, "quant")}
 
 

@@ -100,6 +100,18 @@ def _flat_importance(structure: ModelStructure, importance: Mapping[str, Array])
   return jnp.concatenate([jnp.asarray(importance[n], jnp.float32) for n in names])
 
 
+def _group_position(structure: ModelStructure, flat_importance: Array) -> Array:
+  """Each channel's place in its group by descending importance: int32 ``[N]``.
+
+  0 is the group's most important channel; ties put the first channel first.
+  """
+  group_id, start, _, _ = _group_tables(structure, 0.0, 1)
+  n = flat_importance.shape[0]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  order = jnp.lexsort((idx, -flat_importance, group_id))
+  return jnp.zeros((n,), jnp.int32).at[order].set(idx) - start[group_id]
+
+
 def removal_rank(structure: ModelStructure, flat_importance: Array, safeguard: float = 0.1,
                  min_channels: int = 2) -> Array:
   """Order in which channels are removed: int32 ``[N]`` in flat order.
@@ -107,13 +119,10 @@ def removal_rank(structure: ModelStructure, flat_importance: Array, safeguard: f
   Rank ``r < U`` for a candidate (the ``r``-th to go); protected channels get ranks
   ``>= U``, so ``rank >= k`` is the keep mask after ``k`` removals for any ``k <= U``.
   """
-  group_id, start, keep_min, _ = _group_tables(structure, safeguard, min_channels)
+  group_id, _, keep_min, _ = _group_tables(structure, safeguard, min_channels)
   n = flat_importance.shape[0]
   idx = jnp.arange(n, dtype=jnp.int32)
-  # Within-group position by descending importance (ties: first channel first).
-  order = jnp.lexsort((idx, -flat_importance, group_id))
-  position = jnp.zeros((n,), jnp.int32).at[order].set(idx)
-  protected = position - start[group_id] < keep_min[group_id]
+  protected = _group_position(structure, flat_importance) < keep_min[group_id]
   # Global removal order: candidates first, ascending importance, ties: last channel first.
   order = jnp.lexsort((-idx, flat_importance, protected))
   return jnp.zeros((n,), jnp.int32).at[order].set(idx)
@@ -180,3 +189,60 @@ def prune_to_budget(importance: Mapping[str, Array], structure: ModelStructure, 
   final = cost_after(k)
   keep = (rank >= k).astype(jnp.float32)
   return PruneResult(_unflatten(structure, keep), final, final.metric(metric) <= budget, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_table(structure: ModelStructure, safeguard: float, min_channels: int) -> np.ndarray:
+  """Kept channels per group at every kept fraction a group size allows: int ``[F, G]``.
+
+  Row ``i`` is fraction ``f_i`` of the ascending grid of all ``c / C`` (the kept
+  counts change only there): group ``g`` keeps ``max(keep_min_g, ceil(f_i * C_g))``.
+  """
+  sizes = [g.size for g in structure.groups]
+  grid = np.array(sorted({c / size for size in sizes for c in range(size + 1)}))
+  keep_min = np.array([safeguard_channels(c, safeguard, min_channels) for c in sizes])
+  # Rounded before the ceiling: 3 / 16 * 16 is 3, never 4.
+  kept = np.ceil(np.round(grid[:, None] * np.array(sizes)[None, :], 9))
+  return np.maximum(keep_min[None, :], kept).astype(np.int32)
+
+
+def prune_uniform(importance: Mapping[str, Array], structure: ModelStructure, target: Any, *,
+                  metric: str = "flops", safeguard: float = 0.1, min_channels: int = 2,
+                  quant: Any | None = None) -> PruneResult:
+  """Masks that keep the same fraction of every group, as large as the budget allows.
+
+  The uniform baseline of the comparison: each group of ``C`` channels keeps its
+  ``max(keep_min, ceil(f * C))`` most important channels, with the largest fraction
+  ``f`` whose cost is within ``target`` of the unpruned cost. Only fractions ``c / C``
+  of some group size change a kept count, so ``f`` is found by bisection over that
+  grid (the cost never decreases with ``f``). The importances only choose channels
+  inside a group; how many each group keeps does not depend on them. ``keep_min``
+  and the other arguments are as in :func:`prune_to_budget`; ``reached`` is False
+  when even ``f = 0`` (every group at its safeguard) is over budget.
+
+  Returns:
+    :class:`PruneResult` with ``num_removed`` the channels removed in all groups.
+  """
+  _check_args(target, metric, safeguard, min_channels)
+  flat = _flat_importance(structure, importance)
+  group_id, _, _, _ = _group_tables(structure, safeguard, min_channels)
+  table = jnp.asarray(_uniform_table(structure, safeguard, min_channels), jnp.float32)
+  w_bits, a_bits = cost_lib.layer_bits(structure, quant)
+
+  def cost_at(i: Array) -> cost_lib.Cost:
+    return cost_lib.total(cost_lib.layer_costs_from_kept(structure, table[i], w_bits, a_bits))
+
+  last = table.shape[0] - 1
+  budget = jnp.asarray(target, jnp.float32) * cost_at(last).metric(metric)
+
+  def bisect(_, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+    lo, hi = bounds  # the answer lies in [lo, hi]; lo is under budget or lo == 0
+    mid = (lo + hi + 1) // 2
+    ok = cost_at(mid).metric(metric) <= budget
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  i, _ = lax.fori_loop(0, last.bit_length() + 1, bisect, (jnp.int32(0), jnp.int32(last)))
+  final = cost_at(i)
+  keep = (_group_position(structure, flat) < table[i][group_id]).astype(jnp.float32)
+  return PruneResult(_unflatten(structure, keep), final, final.metric(metric) <= budget,
+                     jnp.int32(flat.shape[0]) - jnp.sum(table[i]).astype(jnp.int32))

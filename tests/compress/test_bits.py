@@ -150,3 +150,14 @@ def test_bad_input_raises_user_error():
     bits_lib.assign_bits(structure, params, ones(structure), RESNET20_MAX_BITS, 0.0)
   with pytest.raises(UserError, match="integers >= 1"):
     bits_lib.assign_bits(structure, params, ones(structure), [0] + RESNET20_MAX_BITS[1:])
+
+
+def test_uniform_bits_quantizes_every_quantized_conv_alike():
+  from picpq_jax.compress.bits import uniform_bits
+  structure, _, _ = _model("resnet20")
+  bits = flat_bits(uniform_bits(structure, 5, RESNET20_MAX_BITS))
+  assert bits["stem_conv"] == 32 and bits["head"] == 32
+  convs = [l.name for l in structure.layers if l.kind == "conv" and l.name != "stem_conv"]
+  assert len(convs) == 18 and all(bits[n] == 5 for n in convs)
+  with pytest.raises(UserError, match="uniform bits"):
+    uniform_bits(structure, 32, RESNET20_MAX_BITS)

@@ -84,6 +84,22 @@ def test_no_evolution_uses_unit_genes(trained, tmp_path):
   assert report["best_loss_history"] == []
 
 
+def test_uniform_allocation_keeps_one_fraction_and_one_bit_width(trained, tmp_path):
+  report = run_compress(_config(trained, tmp_path / "c", evolution=False, ft_epochs=0,
+                                qat_epochs=0, allocation="uniform", uniform_bits=5),
+                        print_fn=lambda s: None)
+  rows = report["layers"]
+  assert [r["w_bits"] for r in rows[1:-1]] == [5] * (len(rows) - 2)
+  assert rows[0]["w_bits"] == 32 and rows[-1]["w_bits"] == 32
+  assert report["cost"]["flops"] <= 0.5 * report["cost"]["flops_full"] * (1 + 1e-6)
+  # resnet8: the stage widths 16/32/64 keep the same fraction up to one channel.
+  fractions = [r["out"] / r["out_full"] for r in rows[1:-1]]
+  assert max(fractions) - min(fractions) <= 1 / 16 + 1e-9
+  code = cli.main(["compress", "--from", trained, "--workdir", str(tmp_path / "u"),
+                   "--allocation", "uniform"])
+  assert code == 2 and not (tmp_path / "u").exists()
+
+
 def test_bad_compress_input_is_one_line_and_exit_2(tmp_path, capsys):
   code = cli.main(["compress", "--from", str(tmp_path / "missing"), "--workdir",
                    str(tmp_path / "out")])

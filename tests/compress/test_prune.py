@@ -187,3 +187,47 @@ def test_safeguard_channels_rounds_before_ceiling():
   assert prune_lib.safeguard_channels(16, 0.1, 2) == 2
   assert prune_lib.safeguard_channels(64, 0.1, 2) == 7
   assert prune_lib.safeguard_channels(1, 0.1, 2) == 1  # never more than the group has
+
+
+def np_uniform(structure, importance, target, metric="flops"):
+  """The uniform baseline by scanning every kept fraction a group size allows (float64).
+
+  A group of C channels keeps max(keep_min, ceil(f * C)) channels; the answer is the
+  largest f on the grid of all c / C whose cost is under the budget (the kept counts
+  only change at those points), each group keeping its most important channels.
+  """
+  full = {g.name: np.ones(g.size) for g in structure.groups}
+  budget = target * np_cost(structure, full, metric)
+  grid = sorted({c / g.size for g in structure.groups for c in range(g.size + 1)})
+  best = None
+  for f in grid:
+    masks = {}
+    for g in structure.groups:
+      kept = max(keep_min(g.size), min(g.size, math.ceil(round(f * g.size, 9))))
+      imp = np.asarray(importance[g.name], np.float64)
+      order = sorted(range(g.size), key=lambda c: (-imp[c], c))
+      masks[g.name] = np.zeros(g.size)
+      masks[g.name][order[:kept]] = 1.0
+    if np_cost(structure, masks, metric) <= budget:
+      best = masks
+  return best
+
+
+@pytest.mark.parametrize("name,target", [("resnet20", 0.45), ("resnet20", 0.7),
+                                         ("mobilenetv2", 0.5)])
+def test_uniform_matches_numpy_scan(name, target):
+  structure = _structure(name)
+  importance = random_importance(structure, 3)
+  result = jax.jit(lambda imp: prune_lib.prune_uniform(imp, structure, target))(importance)
+  expected = np_uniform(structure, importance, target)
+  assert bool(result.reached)
+  for g in structure.groups:
+    np.testing.assert_array_equal(np.asarray(result.masks[g.name]), expected[g.name], g.name)
+  fractions = {g.name: expected[g.name].sum() / g.size for g in structure.groups
+               if expected[g.name].sum() > keep_min(g.size)}
+  # Every group above its safeguard keeps the same fraction, up to one channel.
+  sizes = {g.name: g.size for g in structure.groups}
+  assert max(fractions.values()) - min(fractions.values()) <= max(
+      1 / sizes[n] for n in fractions) + 1e-9
+  removed = sum(g.size - expected[g.name].sum() for g in structure.groups)
+  assert int(result.num_removed) == removed
