@@ -1,4 +1,8 @@
-"""An in-memory labelled image dataset, the type every data source returns."""
+"""A labelled image dataset, the type every data source returns.
+
+Images are a uint8 numpy array in host memory, or a :class:`LazyImages` (same
+shape, dtype and indexing, decoded on demand) for datasets too large for it.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ import dataclasses
 
 import numpy as np
 
+from picpq_jax.data.lazy import LazyImages
 from picpq_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageDataset:
-  """Images and integer labels held in host memory (numpy), channels last.
+  """Images and integer labels, channels last.
 
   Attributes:
-    images: uint8 [N, H, W, 3], RGB pixels in [0, 255].
+    images: uint8 [N, H, W, 3], RGB pixels in [0, 255]: a numpy array, or a
+      :class:`LazyImages` that decodes the images an index asks for.
     labels: int32 [N], each in ``[0, len(class_names))``.
     class_names: the name of each label index, ``class_names[label]``.
   """
@@ -25,7 +31,9 @@ class ImageDataset:
 
   def __post_init__(self):
     images, labels = self.images, self.labels
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+    lazy = isinstance(images, LazyImages)
+    if not lazy and (not isinstance(images, np.ndarray)
+                     or images.dtype != np.uint8):
       raise UserError(
           f"ImageDataset.images must be a uint8 numpy array, got "
           f"{type(images).__name__} {getattr(images, 'dtype', '')}; convert "
@@ -69,7 +77,8 @@ class ImageDataset:
     """The examples at ``indices`` (int [M] or bool [N]), in that order.
 
     Returns a new dataset with images uint8 [M, H, W, 3] and labels int32 [M]
-    (copies, not views) and the same class names.
+    (copies, not views; for :class:`LazyImages`, a lazy view that decodes
+    nothing) and the same class names.
     """
     indices = np.asarray(indices)
     if indices.dtype != np.bool_ and not np.issubdtype(indices.dtype,
@@ -80,7 +89,11 @@ class ImageDataset:
             f"{indices.dtype}; pass e.g. np.arange(10)")
       indices = indices.astype(np.int64)
     try:
-      images, labels = self.images[indices], self.labels[indices]
+      labels = self.labels[indices]
+      if isinstance(self.images, LazyImages):
+        images = self.images.view(indices)
+      else:
+        images = self.images[indices]
     except IndexError as e:
       raise UserError(
           f"ImageDataset.subset: {e}; indices must lie in [0, {len(self)})"

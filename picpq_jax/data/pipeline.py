@@ -8,19 +8,24 @@ batches an uninterrupted run would have seen, on every host.
 
 Host-side work (indices, gathering uint8 batches) is numpy; per-pixel work
 (:func:`augment`, :func:`normalize`) is jitted JAX, meant to run on device
-inside or beside the train step.
+inside or beside the train step. The exception is ImageNet's random-resized
+crop (:func:`augmentation` ``"imagenet"``): it draws its box on the original,
+variable-sized image, so it runs on the host as the images are decoded
+(:class:`~picpq_jax.data.lazy.LazyImages`), and :func:`iterate_batches` gives
+it the epoch so its draws are a function of ``(seed, epoch, example)``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from picpq_jax.data.dataset import ImageDataset
+from picpq_jax.data.lazy import as_lazy, LazyImages, RandomResizedCrop
 from picpq_jax.errors import UserError
 
 # Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training
@@ -29,6 +34,14 @@ CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
 
 Batch = dict[str, np.ndarray]
+
+# Training augmentations (:func:`augmentation`) and the center-crop fraction of
+# the evaluation transform each goes with (``load_dataset(center_crop=...)``):
+# ImageNet evaluates on the central 224 of images resized to 256.
+AUGMENTATIONS = ("cifar", "imagenet")
+EVAL_CENTER_CROP = {"cifar": 1.0, "imagenet": 0.875}
+# Lazy images: channel_stats samples at most this many, evenly spaced.
+STATS_MAX_LAZY_IMAGES = 10_000
 
 
 def _check_seed(seed: int) -> None:
@@ -66,26 +79,44 @@ def train_val_split(ds: ImageDataset, val_size: int, seed: int
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and standard deviation, in [0, 1] units.
 
-  Exact: computed from each channel's histogram of the 256 pixel values.
+  Exact: computed from each channel's histogram of the 256 pixel values. For
+  :class:`~picpq_jax.data.lazy.LazyImages`, over an evenly spaced sample of at
+  most :data:`STATS_MAX_LAZY_IMAGES` images (decoding ImageNet's 1.28M to
+  estimate 6 numbers would take longer than an epoch's worth of startup).
 
   Args:
-    images: uint8 [N, H, W, C].
+    images: uint8 [N, H, W, C], an array or LazyImages.
 
   Returns:
     ``(mean, std)``, each float32 [C], of ``images / 255`` over N, H and W
     (population std).
   """
-  images = np.asarray(images)
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
-    raise UserError(f"channel_stats needs uint8 images [N, H, W, C] with "
-                    f"N > 0, got {images.dtype} {images.shape}")
-  pixels = images.reshape(-1, images.shape[-1])
-  counts = np.stack([np.bincount(pixels[:, c], minlength=256)
-                     for c in range(pixels.shape[1])]).astype(np.float64)
+  if isinstance(images, LazyImages):
+    if len(images) == 0:
+      raise UserError("channel_stats needs at least one image, got 0")
+    # Decoding all of ImageNet for 6 numbers is not worth it: a sample.
+    picks = np.unique(np.linspace(0, len(images) - 1, min(
+        len(images), STATS_MAX_LAZY_IMAGES)).round().astype(np.int64))
+    counts = sum(_histogram(images[chunk])
+                 for chunk in np.array_split(picks, -(-len(picks) // 256)))
+  else:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
+      raise UserError(f"channel_stats needs uint8 images [N, H, W, C] with "
+                      f"N > 0, got {images.dtype} {images.shape}")
+    counts = _histogram(images)
+  total = counts[0].sum()
   values = np.arange(256, dtype=np.float64) / 255
-  mean = counts @ values / pixels.shape[0]  # [C]
-  var = (counts * np.square(values - mean[:, None])).sum(1) / pixels.shape[0]
+  mean = counts @ values / total  # [C]
+  var = (counts * np.square(values - mean[:, None])).sum(1) / total
   return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def _histogram(images: np.ndarray) -> np.ndarray:
+  """float64 [C, 256]: how many pixels of each channel take each value."""
+  pixels = images.reshape(-1, images.shape[-1])
+  return np.stack([np.bincount(pixels[:, c], minlength=256)
+                   for c in range(pixels.shape[1])]).astype(np.float64)
 
 
 @jax.jit
@@ -211,11 +242,17 @@ def _host_slice(batch_size: int, process_index: int | None,
   return slice(index * local, (index + 1) * local)
 
 
-def _gather(ds: ImageDataset, indices: np.ndarray, with_mask: bool) -> Batch:
-  """Examples at ``indices`` int [B] (``-1``: padding, zeros, mask False)."""
+def _gather(ds: ImageDataset, indices: np.ndarray, with_mask: bool,
+            draw: tuple[int, int] | None = None) -> Batch:
+  """Examples at ``indices`` int [B] (``-1``: padding, zeros, mask False);
+  ``draw=(seed, epoch)`` lets LazyImages apply their training augmentation."""
   valid = indices >= 0
   safe = np.where(valid, indices, 0)
-  batch = {"image": ds.images[safe], "label": ds.labels[safe]}
+  if draw is not None and isinstance(ds.images, LazyImages):
+    images = ds.images.draw(safe, *draw)
+  else:
+    images = ds.images[safe]
+  batch = {"image": images, "label": ds.labels[safe]}
   if with_mask:
     batch["image"][~valid] = 0
     batch["label"][~valid] = 0
@@ -233,7 +270,9 @@ def iterate_batches(ds: ImageDataset, batch_size: int, seed: int,
   Step ``k`` is batch ``k % S`` of epoch ``k // S`` (``S`` =
   :func:`steps_per_epoch`), indices from :func:`batch_indices`. The global
   batch is cut into ``process_count`` contiguous slices and this process gets
-  slice ``process_index``.
+  slice ``process_index``. Images that are :class:`LazyImages` with an
+  ``augment`` come out augmented (:meth:`LazyImages.draw` with ``(seed,
+  epoch)``).
 
   Args:
     ds: the training set.
@@ -269,7 +308,8 @@ def _endless(ds: ImageDataset, batch_size: int, seed: int, step: int,
       epoch = step // steps
       order = batch_indices(len(ds), batch_size, seed, epoch, shuffle,
                             drop_remainder)
-    yield _gather(ds, order[step % steps, local], with_mask=not drop_remainder)
+    yield _gather(ds, order[step % steps, local], with_mask=not drop_remainder,
+                  draw=(seed, epoch))
     step += 1
 
 
@@ -299,3 +339,44 @@ def eval_batches(ds: ImageDataset, batch_size: int,
   order = batch_indices(len(ds), batch_size, 0, 0, shuffle=False,
                         drop_remainder=False)
   return (_gather(ds, row[local], with_mask=True) for row in order)
+
+
+def augmentation(name: str, train: ImageDataset
+                ) -> tuple[ImageDataset, Callable[[jax.Array, jax.Array], jax.Array]]:
+  """The training set to batch and the on-device augmentation, for ``name``.
+
+  - ``"cifar"``: ``(train, augment)``: pad-4 random crop and flip on device
+    (:func:`augment`).
+  - ``"imagenet"``: ``(train', identity)``, where ``train'`` holds the same
+    examples with images that :func:`iterate_batches` draws as random-resized
+    crops (scale 0.08-1, aspect 3/4-4/3) plus flips, at the images' size, on
+    the host (:class:`~picpq_jax.data.lazy.RandomResizedCrop`); plain
+    indexing and :func:`eval_batches` still give the evaluation images. In
+    memory images are wrapped (the crop is drawn on them); LazyImages draw it
+    on the original decoded image.
+
+  Args:
+    name: one of :data:`AUGMENTATIONS`.
+    train: the training set, images [N, S, S, 3].
+
+  Returns:
+    ``(dataset, fn)`` with ``fn(key, uint8 [B, S, S, 3]) -> [B, S, S, 3]``,
+    jittable.
+  """
+  if name == "cifar":
+    return train, augment
+  if name != "imagenet":
+    raise UserError(f"unknown augmentation {name!r}; pick one of "
+                    f"{', '.join(AUGMENTATIONS)}")
+  height, width = train.image_shape[:2]
+  if height != width:
+    raise UserError(f"the imagenet augmentation makes square crops, but the "
+                    f"images are {width}x{height}; pass image_size to load "
+                    "square images")
+  images = as_lazy(train.images).with_augment(RandomResizedCrop(size=height))
+  return ImageDataset(images, train.labels, train.class_names), _identity
+
+
+def _identity(key: jax.Array, images: jax.Array) -> jax.Array:
+  del key
+  return images
