@@ -27,3 +27,17 @@ from picpq_jax.finetune.pretrained import hf_to_params
 from picpq_jax.finetune.pretrained import load_minilm
 from picpq_jax.finetune.pretrained import load_tokenizer
 from picpq_jax.finetune.pretrained import minilm_path
+from picpq_jax.finetune.text import CharVocab
+from picpq_jax.finetune.text import SST2Paths
+from picpq_jax.finetune.text import TextDataset
+from picpq_jax.finetune.text import TokenCache
+from picpq_jax.finetune.text import TokenizedText
+from picpq_jax.finetune.text import eval_text_batches
+from picpq_jax.finetune.text import k_shot
+from picpq_jax.finetune.text import load_text
+from picpq_jax.finetune.text import load_tsv
+from picpq_jax.finetune.text import random_windows
+from picpq_jax.finetune.text import split_ids
+from picpq_jax.finetune.text import sst2_paths
+from picpq_jax.finetune.text import text_batches
+from picpq_jax.finetune.text import tinyshakespeare_path
