@@ -20,6 +20,11 @@ from picpq_jax.finetune.bert import l2_normalize
 from picpq_jax.finetune.bert import mean_pool
 from picpq_jax.finetune.bert import sentence_embedding
 from picpq_jax.finetune.bert import token_states
+from picpq_jax.finetune.gpt import GPT
+from picpq_jax.finetune.gpt import GPTConfig
+from picpq_jax.finetune.gpt import generate
+from picpq_jax.finetune.gpt import init_gpt
+from picpq_jax.finetune.gpt import loss as gpt_loss
 from picpq_jax.finetune.pretrained import MINILM_INSTALL
 from picpq_jax.finetune.pretrained import BertTokenizer
 from picpq_jax.finetune.pretrained import Pretrained
