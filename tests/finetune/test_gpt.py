@@ -84,8 +84,8 @@ def test_output_at_t_ignores_tokens_after_t(model_params, logits_fn):
 
 def test_loss_equals_numpy_cross_entropy(model_params, logits_fn):
   model, params = model_params
-  x = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], np.int32)
-  y = np.array([[2, 3, 4, 5, 6], [7, 8, 9, 10, 0]], np.int32)
+  x = np.array([[1, 2, 3, 4, 5, 6], [6, 7, 8, 9, 10, 0]], np.int32)
+  y = np.array([[2, 3, 4, 5, 6, 7], [7, 8, 9, 10, 0, 1]], np.int32)
   want = np_cross_entropy(np.asarray(logits_fn(params, x), np.float64), y)
   loss = jax.jit(lambda p: gpt_loss(model, p, x, y))(params)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
