@@ -24,7 +24,9 @@ ACCEPTED_SPECS = (
 def load_dataset(spec: str,
                  split: str = "train",
                  cache_dir: str | os.PathLike | None = None,
-                 image_size: int | None = None) -> ImageDataset:
+                 image_size: int | None = None,
+                 center_crop: float = 1.0,
+                 lazy: bool | None = None) -> ImageDataset:
   """Loads the dataset that ``spec`` names.
 
   Args:
@@ -41,12 +43,18 @@ def load_dataset(spec: str,
         ``<split>/<class>/<file>``.
     split: the split to load.
     cache_dir: where image folders keep decoded arrays (see
-      :func:`load_image_folder`).
+      :func:`load_image_folder`) and lazy tfds datasets their labels.
     image_size: for ``tfds:`` specs only, resize and center-crop to this
       square size (needed for ``tfds:imagenet2012``; see :func:`load_tfds`).
+    center_crop: with ``image_size``, the fraction of the resized shorter
+      side kept by the center crop (0.875: ImageNet's resize 256, crop 224).
+    lazy: for ``tfds:`` specs, decode images on demand (True), now (False) or
+      by size (None; see :func:`load_tfds`). Other sources are in memory.
 
   Returns:
-    ImageDataset: images uint8 [N, H, W, 3], labels int32 [N].
+    ImageDataset: images uint8 [N, H, W, 3] (a numpy array, or
+    :class:`~picpq_jax.data.lazy.LazyImages` for large tfds datasets), labels
+    int32 [N].
 
   Raises:
     UserError: a spec of none of these forms, or the source's own errors.
@@ -65,7 +73,8 @@ def load_dataset(spec: str,
     name = spec[len(_TFDS_PREFIX):]
     if not name:
       raise UserError("'tfds:' needs a dataset name, e.g. 'tfds:cifar10'")
-    return load_tfds(name, split=split, image_size=image_size)
+    return load_tfds(name, split=split, image_size=image_size,
+                     center_crop=center_crop, lazy=lazy, cache_dir=cache_dir)
   if image_size is not None:
     raise UserError(f"image_size applies to 'tfds:NAME' specs only, not "
                     f"{spec!r}; resize the images beforehand or drop "

@@ -10,26 +10,43 @@ then copy ``DIR`` over and pass ``data_dir=DIR`` (or set ``TFDS_DATA_DIR``).
 ``imagenet2012`` needs its archives placed by hand in ``DIR/downloads/manual``
 before ``tfds build``.
 
-The whole split is decoded into host memory (uint8), so for ImageNet load a
-slice, e.g. ``split="train[:5%]"``.
+Small datasets are decoded whole into host memory (uint8). Datasets whose
+decoded images would exceed :data:`LAZY_BYTES` (2 GiB: ImageNet, not CIFAR)
+come back lazy: their images are a :class:`~picpq_jax.data.lazy.LazyImages`
+that decodes only the indices a batch asks for (``lazy=True/False`` forces
+either). Records are read as raw bytes (``tfds.decode.SkipDecoding``) and
+decoded with Pillow here, which lets JPEGs decode at reduced scale; sources that
+cannot give raw bytes (tfds mock data without TensorFlow) are read decoded.
+Labels are read once, in one pass over the records, and for lazy datasets
+cached under ``cache_dir`` (ImageNet's pass reads every record, ~140 GB).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import tqdm
 
 from picpq_jax.data.dataset import ImageDataset
+from picpq_jax.data.image_folder import default_cache_dir
+from picpq_jax.data import lazy as lazy_lib
 from picpq_jax.errors import UserError
+
+# Decoded sizes above this load lazily when ``lazy`` is None.
+LAZY_BYTES = 2 * 1024**3
+_CHUNK = 1024  # records per read when scanning labels or decoding eagerly
 
 
 def load_tfds(name: str,
               split: str = "train",
               data_dir: str | os.PathLike | None = None,
-              image_size: int | None = None) -> ImageDataset:
+              image_size: int | None = None,
+              center_crop: float = 1.0,
+              lazy: bool | None = None,
+              cache_dir: str | os.PathLike | None = None) -> ImageDataset:
   """Loads a prepared tfds image dataset with ``image`` and ``label`` features.
 
   Args:
@@ -39,12 +56,21 @@ def load_tfds(name: str,
     data_dir: where the prepared data lies; default ``$TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``.
     image_size: if given, every image is resized (bilinear) so its shorter
-      side is ``image_size``, then center-cropped to ``image_size`` square.
-      Required when the dataset's images vary in size (``imagenet2012``).
+      side is ``round(image_size / center_crop)``, then center-cropped to
+      ``image_size`` square. Required when the dataset's images vary in size
+      (``imagenet2012``).
+    center_crop: the fraction of the resized shorter side kept, in (0, 1]:
+      1.0 keeps it whole, 0.875 is ImageNet's evaluation transform (resize
+      256, crop 224). Used only with ``image_size``.
+    lazy: decode on demand (True), everything now (False), or decide by size
+      (None: lazy above :data:`LAZY_BYTES` of decoded images).
+    cache_dir: where lazy datasets cache their labels; default
+      :func:`~picpq_jax.data.default_cache_dir`.
 
   Returns:
-    ImageDataset: images uint8 [N, H, W, 3] (grayscale repeated to RGB),
-    labels int32 [N], class names from the ``label`` feature.
+    ImageDataset: images uint8 [N, H, W, 3] (grayscale repeated to RGB; a
+    numpy array or LazyImages), labels int32 [N], class names from the
+    ``label`` feature.
 
   Raises:
     UserError: an unknown name, data that is not prepared (with the command
@@ -57,6 +83,8 @@ def load_tfds(name: str,
                                  or image_size < 1):
     raise UserError(f"image_size must be a positive int, got {image_size!r}; "
                     "pass e.g. image_size=224")
+  crop = lazy_lib.CenterCrop(image_size or 1, center_crop)  # validates both
+  resize = None if image_size is None else crop
   source = _data_source(tfds, name, split, data_dir)
   features = source.dataset_info.features
   if "image" not in features or "label" not in features:
@@ -70,7 +98,18 @@ def load_tfds(name: str,
   if len(source) == 0:
     raise UserError(f"split {split!r} of tfds dataset {name!r} is empty; "
                     "pick a non-empty split")
-  images, labels = _read_all(source, name, image_size)
+  records = _raw_source(tfds, name, split, data_dir) or source
+  images = lazy_lib.LazyImages(
+      lambda i: records[i]["image"], len(source),
+      image_shape=None if resize else (height, width, 3), resize=resize)
+  if lazy is None:
+    lazy = int(np.prod(images.shape, dtype=np.int64)) > LAZY_BYTES
+  if lazy:
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    labels = _cached_labels(records, source, name, split, cache)
+  else:
+    labels = _read_labels(records, name)
+    images = _decode_all(images, name)
   return ImageDataset(images, labels, _class_names(features["label"]))
 
 
@@ -108,48 +147,69 @@ def _data_source(tfds, name: str, split: str, data_dir):
                     f"({e}); splits prepared: {', '.join(splits)}") from e
 
 
-def _read_all(source, name: str, image_size: int | None
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Every example of ``source`` as images uint8 [N, H, W, 3], labels int32
-  [N]."""
-  first = _to_rgb(np.asarray(source[0]["image"]), image_size)
-  images = np.empty((len(source),) + first.shape, np.uint8)
-  labels = np.empty((len(source),), np.int32)
-  for i in tqdm.trange(len(source), desc=f"reading {name}", unit="img",
-                       disable=None, leave=False):
-    example = source[i]
-    image = _to_rgb(np.asarray(example["image"]), image_size)
-    if image.shape != first.shape:
-      raise UserError(f"example {i} of tfds dataset {name!r} is "
-                      f"{image.shape[1]}x{image.shape[0]}, example 0 is "
-                      f"{first.shape[1]}x{first.shape[0]}; pass image_size "
-                      "to resize them to one size")
-    images[i], labels[i] = image, int(example["label"])
-  return images, labels
+def _raw_source(tfds, name: str, split: str, data_dir):
+  """The split with undecoded images (bytes), or None where the source
+  cannot skip decoding (tfds mock data encodes with TensorFlow)."""
+  try:
+    raw = tfds.data_source(
+        name, split=split, data_dir=None if data_dir is None else
+        os.fspath(data_dir), download=False, try_gcs=False,
+        decoders={"image": tfds.decode.SkipDecoding()})
+    image = raw[0]["image"]
+  except Exception:  # Any failure: read decoded images instead.
+    return None
+  return raw if isinstance(image, (bytes, np.bytes_)) else None
 
 
-def _to_rgb(image: np.ndarray, image_size: int | None) -> np.ndarray:
-  """uint8 [H, W] or [H, W, 1|3] to uint8 [H, W, 3], resized if asked."""
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  image = image.astype(np.uint8, copy=False)
-  return image if image_size is None else center_crop_resize(image,
-                                                             image_size)
+def _read_labels(records, name: str) -> np.ndarray:
+  """int32 [N]: the label of every record, read in chunks by the decode
+  threads."""
+  labels = np.empty(len(records), np.int32)
+  for start in tqdm.trange(0, len(records), _CHUNK, desc=f"labels of {name}",
+                           unit_scale=_CHUNK, disable=None, leave=False):
+    stop = min(start + _CHUNK, len(records))
+    labels[start:stop] = lazy_lib.parallel_map(
+        lambda i: int(records[i]["label"]), range(start, stop))
+  return labels
+
+
+def _cached_labels(records, source, name: str, split: str, cache: Path
+                  ) -> np.ndarray:
+  """:func:`_read_labels`, kept in ``cache`` keyed by the data's location,
+  version, split and size."""
+  info = source.dataset_info
+  key = "|".join(str(part) for part in (
+      os.path.abspath(os.fspath(info.data_dir)), info.full_name, split,
+      len(records)))
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  safe = "".join(c if c.isalnum() else "_" for c in f"{name}-{split}")
+  path = cache / "tfds_labels" / f"{safe}-{digest}.npy"
+  if path.exists():
+    labels = np.load(path)
+    if labels.shape == (len(records),) and labels.dtype == np.int32:
+      return labels
+  labels = _read_labels(records, name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+  np.save(tmp, labels)
+  os.replace(tmp, path)
+  return labels
+
+
+def _decode_all(images: lazy_lib.LazyImages, name: str) -> np.ndarray:
+  """Every image of ``images`` in host memory, uint8 [N, H, W, 3]."""
+  out = np.empty(images.shape, np.uint8)
+  for start in tqdm.trange(0, len(images), _CHUNK, desc=f"reading {name}",
+                           unit_scale=_CHUNK, disable=None, leave=False):
+    out[start:start + _CHUNK] = images[start:start + _CHUNK]
+  return out
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes uint8 [H, W, 3] so the shorter side is ``size`` (bilinear), then
-  center-crops it to uint8 [size, size, 3]."""
-  height, width = image.shape[:2]
-  scale = size / min(height, width)
-  new_w = max(size, round(width * scale))
-  new_h = max(size, round(height * scale))
-  resized = np.asarray(Image.fromarray(image).resize(
-      (new_w, new_h), Image.Resampling.BILINEAR))
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return np.ascontiguousarray(resized[top:top + size, left:left + size])
+  center-crops it to uint8 [size, size, 3] (:func:`~picpq_jax.data.lazy.
+  center_crop` with fraction 1)."""
+  return lazy_lib.center_crop(lazy_lib.to_rgb(image), size, 1.0)
 
 
 def _class_names(label_feature) -> tuple[str, ...]:
