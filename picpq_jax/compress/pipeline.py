@@ -118,16 +118,18 @@ def _cost_record(structure, masks, quant) -> dict:
   }
 
 
-def _search_genes(config, model, structure, variables, fp, train, val, mean, std) -> dict:
+def _search_genes(config, model, structure, variables, fp, train, val, mean, std,
+                  augment_name: str = "cifar") -> dict:
   num_layers = len(pic.prunable_layers(structure))
   if not config.evolution:
     return {"a": np.ones(num_layers, np.float32), "b": np.zeros(num_layers, np.float32),
             "best_loss_history": np.zeros(0, np.float32)}
   mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
+  train, device_augment = pdata.augmentation(augment_name, train)
   spec = evolution.FitnessSpec(
       model=model, structure=structure,
       tx=optim.sgd_nesterov(config.lr, 0.9, config.weight_decay),
-      preprocess_train=lambda k, x: pdata.normalize(pdata.augment(k, x), mean_j, std_j),
+      preprocess_train=lambda k, x: pdata.normalize(device_augment(k, x), mean_j, std_j),
       preprocess_eval=lambda x: pdata.normalize(x, mean_j, std_j),
       target=config.target, metric=config.metric, safeguard=config.safeguard,
       min_channels=config.min_channels, strategy=config.strategy)
@@ -160,7 +162,8 @@ def _plan(config, arch, structure, variables, fp, genes) -> dict:
 def _train_config(config: CompressConfig, train_meta: dict, data: str, name: str,
                   epochs: int) -> TrainConfig:
   return TrainConfig(
-      arch=train_meta["arch"], data=data, workdir=os.path.join(config.workdir, name),
+      arch=train_meta["arch"], data=data, image_size=train_meta.get("image_size"),
+      augment=train_meta.get("augment", "cifar"), workdir=os.path.join(config.workdir, name),
       val_size=train_meta["val_size"], epochs=epochs, batch_size=config.batch_size,
       lr=config.lr, schedule="multistep", momentum=0.9, weight_decay=config.weight_decay,
       seed=config.seed, checkpoint_every=500, resume=True,
@@ -214,7 +217,10 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   spec = models.get_spec(arch)
   mean = np.asarray(meta["normalization"]["mean"], np.float32)
   std = np.asarray(meta["normalization"]["std"], np.float32)
-  dataset = pdata.load_dataset(data, split="train", cache_dir=train_meta.get("cache_dir"))
+  augment_name = train_meta.get("augment", "cifar")
+  dataset = pdata.load_dataset(data, split="train", cache_dir=train_meta.get("cache_dir"),
+                               image_size=train_meta.get("image_size"),
+                               center_crop=pdata.EVAL_CENTER_CROP[augment_name])
   train, val = pdata.train_val_split(dataset, train_meta["val_size"], train_meta["seed"])
   model = models.get_model(arch, num_classes=len(meta["class_names"]))
   structure = models.model_structure(model, spec.input_shape)
@@ -228,7 +234,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
       config.criterion, model, variables, _fp_batches(train, config, mean, std), structure))
   fp = {k: jnp.asarray(v) for k, v in fp.items()}
   genes = _load_or_run_arrays(config.workdir, "genes", lambda: _search_genes(
-      config, model, structure, variables, fp, train, val, mean, std))
+      config, model, structure, variables, fp, train, val, mean, std, augment_name))
   plan = _load_or_run_arrays(config.workdir, "plan", lambda: _plan(
       config, arch, structure, variables, fp, genes))
   masks, quant = _nest(plan, "masks"), _nest(plan, "quant")

@@ -8,6 +8,8 @@ from typing import Any
 from picpq_jax.options import check, option
 
 SCHEDULES = ("multistep", "cosine", "constant")
+# = picpq_jax.data.AUGMENTATIONS (not imported here: picpq_jax.data loads jax).
+AUGMENTATIONS = ("cifar", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +18,8 @@ class TrainConfig:
 
   arch: str = option("resnet20", "architecture name (see `picpq models`)")
   data: str = option("embedded", "'embedded' (bundled 5,000 CIFAR-10 images), a folder or .zip of <split>/<class>/<file>, a cifar-10-batches-py folder, or tfds:NAME")
+  image_size: int | None = option(None, "tfds:NAME data only: resize and center-crop images to this square size (needed for tfds:imagenet2012; large datasets decode lazily, per batch)")
+  augment: str = option("cifar", "training augmentation: cifar (pad-4 random crop + flip, on device) or imagenet (random-resized crop, area 0.08-1, aspect 3/4-4/3, + flip, on the host; evaluation images are the center 0.875 of images resized to size/0.875, i.e. 224 of 256)")
   workdir: str = option("runs/train", "where checkpoints, metrics.jsonl and results.json go")
   val_size: int = option(500, "images held out from the training split for validation")
   epochs: int = option(4, "passes over the training images")
@@ -34,6 +38,9 @@ class TrainConfig:
 
   def __post_init__(self):
     check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
+    check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size,
+          "an integer >= 1")
+    check(self.augment in AUGMENTATIONS, "augment", self.augment, " or ".join(AUGMENTATIONS))
     check(1 <= self.epochs <= 10_000, "epochs", self.epochs, "1..10000")
     check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
     check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")

@@ -31,8 +31,8 @@ from picpq_jax.train.metrics import JsonlWriter, format_table, write_atomic
 from picpq_jax.train.steps import create_train_state, jit_eval_step, jit_train_step
 
 # Fields that must match between a checkpoint and a resumed run.
-_RESUME_FIELDS = ("arch", "data", "val_size", "epochs", "batch_size", "lr", "schedule",
-                  "warmup_epochs", "momentum", "weight_decay", "seed")
+_RESUME_FIELDS = ("arch", "data", "image_size", "augment", "val_size", "epochs", "batch_size",
+                  "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "seed")
 LOG_EVERY = 10  # steps between train-metric records
 
 
@@ -71,7 +71,9 @@ def _check_resume_meta(meta: dict[str, Any], config: TrainConfig) -> None:
 
 def load_data(config: TrainConfig, input_shape: tuple[int, ...]):
   """``(train, val)`` :class:`~picpq_jax.data.ImageDataset` s, checked against the model."""
-  dataset = pdata.load_dataset(config.data, split="train", cache_dir=config.cache_dir)
+  dataset = pdata.load_dataset(config.data, split="train", cache_dir=config.cache_dir,
+                               image_size=config.image_size,
+                               center_crop=pdata.EVAL_CENTER_CROP[config.augment])
   if tuple(dataset.images.shape[1:]) != tuple(input_shape):
     raise UserError(
         f"--data images are {tuple(dataset.images.shape[1:])} but --arch {config.arch} takes "
@@ -187,10 +189,11 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
 
   # --- Steps.
   mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
+  batched, device_augment = pdata.augmentation(config.augment, train)  # imagenet: on the host
   train_step = jit_train_step(
-      model, tx, lambda key, x: pdata.normalize(pdata.augment(key, x), mean_j, std_j))
+      model, tx, lambda key, x: pdata.normalize(device_augment(key, x), mean_j, std_j))
   eval_step = jit_eval_step(model, lambda x: pdata.normalize(x, mean_j, std_j))
-  batches: Iterator[dict] = pdata.iterate_batches(train, config.batch_size, config.seed,
+  batches: Iterator[dict] = pdata.iterate_batches(batched, config.batch_size, config.seed,
                                                   start_step=start_step)
   val_metrics = {"loss": float("nan"), "accuracy": float("nan")}
   window: list[dict] = []
