@@ -98,7 +98,8 @@ def load_tfds(name: str,
   if len(source) == 0:
     raise UserError(f"split {split!r} of tfds dataset {name!r} is empty; "
                     "pick a non-empty split")
-  records = _raw_source(tfds, name, split, data_dir) or source
+  raw = _raw_source(tfds, name, split, data_dir)
+  records = source if raw is None else raw
   images = lazy_lib.LazyImages(
       lambda i: records[i]["image"], len(source),
       image_shape=None if resize else (height, width, 3), resize=resize)
