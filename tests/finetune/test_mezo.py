@@ -31,15 +31,21 @@ def _mse_np(params, batch):
   return np.mean(r ** 2)
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_step_equals_numpy_transcription(n):
+def _rbg(key):
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+
+
+@pytest.mark.parametrize("n,impl", [(1, None), (3, "rbg")])
+def test_step_equals_numpy_transcription(n, impl):
   params, batch = _regression()
   key = jax.random.key(7)
-  # the documented draws: zkey = split(key)[0]; z_j leaf i = normal(fold_in(fold_in(zkey, j), i))
+  # the documented draws: zkey = split(key)[0], k_j = fold_in(zkey, j), leaf i of z_j is
+  # normal(fold_in(base(k_j), i)), base = k_j itself or an rbg key of 128 bits of it
   zkey = jax.random.split(key)[0]
+  base = (lambda k: k) if impl is None else _rbg
   names = sorted(params)  # jax.tree.leaves order of a dict: sorted keys ("b", "w")
-  zs = [{name: np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(zkey, j), i),
-                                            params[name].shape), np.float64)
+  zs = [{name: np.asarray(jax.random.normal(
+      jax.random.fold_in(base(jax.random.fold_in(zkey, j)), i), params[name].shape), np.float64)
          for i, name in enumerate(names)} for j in range(n)]
   theta = {k: v.astype(np.float64) for k, v in params.items()}
   grads = []
@@ -49,7 +55,7 @@ def test_step_equals_numpy_transcription(n):
     grads.append((plus - minus) / (2 * EPS))
   expect = {k: theta[k] - LR / n * sum(g * z[k] for g, z in zip(grads, zs)) for k in names}
 
-  step = mezo.make_step(_mse, eps=EPS, n=n)
+  step = mezo.make_step(_mse, eps=EPS, n=n, prng_impl=impl)
   out, info = step.step({}, jax.tree.map(jnp.asarray, params), batch, key, LR)
   np.testing.assert_allclose(info["projected_grad"], grads, rtol=2e-3, atol=1e-4)
   for k in names:
@@ -61,7 +67,10 @@ def test_direction_is_the_documented_draw():
   params, _ = _regression()
   key = jax.random.key(3)
   z = mezo.direction(key, params)
-  np.testing.assert_array_equal(z["w"], jax.random.normal(jax.random.fold_in(key, 1), (3, 2)))
+  np.testing.assert_array_equal(z["w"], jax.random.normal(jax.random.fold_in(_rbg(key), 1),
+                                                          (3, 2)))
+  plain = mezo.direction(key, params, impl=None)
+  np.testing.assert_array_equal(plain["b"], jax.random.normal(jax.random.fold_in(key, 0), (2,)))
   moved = mezo.perturb(jax.tree.map(jnp.asarray, params), key, 0.5)
   np.testing.assert_allclose(moved["b"], params["b"] + 0.5 * np.asarray(z["b"]), rtol=1e-6)
 
@@ -116,3 +125,5 @@ def test_donates_the_trainable_buffers_and_rejects_bad_settings():
     mezo.make_step(_mse, n=0)
   with pytest.raises(UserError, match="positive"):
     mezo.make_step(_mse, eps=0.0)
+  with pytest.raises(UserError, match="unknown"):
+    mezo.make_step(_mse, prng_impl="philox")

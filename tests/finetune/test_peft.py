@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from picpq_jax.errors import UserError
-from picpq_jax.finetune import peft
+from picpq_jax.finetune import memory, peft
 from tests.finetune.toy import HIDDEN, Toy, toy_batch, toy_loss, toy_params
 
 BIASES = {"attention/query/bias", "attention/key/bias", "attention/value/bias",
@@ -140,3 +140,14 @@ def test_train_also_requires_a_match():
   with pytest.raises(UserError, match="--train-also pattern 'classifier' matches none"):
     peft.train_also(peft.prompt(2), "classifier").init(jax.random.key(0), toy_params())
   assert peft.train_also(peft.full(), None).name == "full"
+
+
+def test_compiled_memory_reads_the_buffer_assignment():
+  x = jax.ShapeDtypeStruct((1000,), jnp.float32)
+  stats = memory.compiled_memory(lambda a, b: a * 2 + b, x, x)
+  assert stats["argument_bytes"] == 8000 and stats["output_bytes"] == 4000
+  assert stats["peak_bytes"] == (stats["argument_bytes"] + stats["output_bytes"]
+                                 + stats["temp_bytes"] - stats["alias_bytes"])
+  donated = memory.compiled_memory(jax.jit(lambda a: a + 1, donate_argnums=0), x)
+  assert donated["alias_bytes"] == 4000  # the output reuses the donated buffer
+  assert memory.peak_rss_bytes() > 2 ** 20
