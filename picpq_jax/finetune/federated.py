@@ -2,9 +2,7 @@
 
 Both rounds run the ``M`` participating clients sharded over the mesh axis
 ``clients`` of :func:`picpq_jax.federated.clients_mesh` with ``jax.shard_map``; a
-device holding several clients runs them under ``vmap`` (FedIT) or one after the
-other in the same program (zeroth order: see :mod:`picpq_jax.finetune.mezo` on
-``rbg`` draws under ``vmap``), and each client's ``E``
+device holding several clients runs them under ``vmap``, and each client's ``E``
 local steps are a ``lax.scan`` (dense layers only: the convolution-in-scan slowdown
 measured for :mod:`picpq_jax.federated.rounds` does not apply). The frozen base is
 replicated and shared by a device's clients; only the trainable part is per client.
@@ -62,14 +60,11 @@ def _client_ids(count: int) -> Array:
   return lax.axis_index(AXIS) * count + jnp.arange(count)
 
 
-def _varying(tree: Any) -> Any:
-  """``tree`` (replicated) typed as varying over ``clients``, to start local training."""
-  return jax.tree.map(lambda x: lax.pcast(x, AXIS, to="varying"), tree)
-
-
 def _start(trainable: Any, count: int) -> Any:
-  """The global trainable part copied for this device's ``count`` clients, ``[C, ...]``."""
-  return _varying(jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), trainable))
+  """The global trainable part copied for this device's ``count`` clients, ``[C, ...]``
+  (typed as varying over ``clients``: local training makes it so)."""
+  return jax.tree.map(lambda x: lax.pcast(jnp.broadcast_to(x, (count, *x.shape)), AXIS,
+                                          to="varying"), trainable)
 
 
 def _numbered(data: Any) -> tuple[Array, Any]:
@@ -122,8 +117,7 @@ def seed_key(pool_key: Array, index: Array) -> Array:
   return jax.random.fold_in(pool_key, index)
 
 
-def replay(trainable: Any, aggregated: Array, pool_key: Array, lr: Array | float,
-           impl: str | None = "rbg") -> Any:
+def replay(trainable: Any, aggregated: Array, pool_key: Array, lr: Array | float) -> Any:
   """``theta - lr sum_j G_j z(seed j)`` over the pool, skipping seeds with ``G_j = 0``.
 
   Args:
@@ -131,20 +125,19 @@ def replay(trainable: Any, aggregated: Array, pool_key: Array, lr: Array | float
     aggregated: float32 ``[K]`` per-seed weighted sums of projected gradients.
     pool_key: the pool's key.
     lr: learning rate (float scalar, may be traced).
-    impl: how directions are drawn (as the clients drew them).
 
   Returns:
     The updated pytree (same structure and dtypes).
   """
   def one(j, theta):
     g = aggregated[j]
-    return lax.cond(g != 0, lambda t: mezo.perturb(t, seed_key(pool_key, j), -lr * g, impl),
+    return lax.cond(g != 0, lambda t: mezo.perturb(t, seed_key(pool_key, j), -lr * g),
                     lambda t: t, theta)
   return lax.fori_loop(0, aggregated.shape[0], one, trainable)
 
 
 def zo_round(loss_fn: Callable, method: Method, mesh: Mesh, *, pool_size: int = 4096,
-             eps: float = 1e-3, prng_impl: str | None = "rbg") -> Callable:
+             eps: float = 1e-3) -> Callable:
   """A zeroth-order round with seed-only communication (FedKSeed).
 
   Args:
@@ -153,8 +146,6 @@ def zo_round(loss_fn: Callable, method: Method, mesh: Mesh, *, pool_size: int = 
     mesh: a mesh with a ``clients`` axis.
     pool_size: ``K``, the candidate seeds shared by all parties.
     eps: SPSA perturbation scale.
-    prng_impl: how directions are drawn (:func:`picpq_jax.finetune.mezo.draw_key`);
-      every party must use the same one, on the same backend and XLA version.
 
   Returns:
     ``round(frozen, trainable, batch, weights, key, lr, pool_key) -> (trainable,
@@ -168,7 +159,6 @@ def zo_round(loss_fn: Callable, method: Method, mesh: Mesh, *, pool_size: int = 
     raise UserError(f"the seed pool needs at least one seed, got --pool-size={pool_size}")
   if not eps > 0:
     raise UserError(f"zeroth-order eps must be positive, got {eps}")
-  mezo.draw_key(jax.random.key(0), prng_impl)  # an unknown implementation fails here
   loss = loss_of(loss_fn, method)
 
   def device_round(frozen, trainable, batch, weights, key, lr, pool_key):
@@ -180,22 +170,18 @@ def zo_round(loss_fn: Callable, method: Method, mesh: Mesh, *, pool_size: int = 
         draw, lkey = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, cid), t))
         j = jax.random.randint(draw, (), 0, pool_size)
         at = lambda th: loss(th, frozen, step_batch, lkey)  # noqa: E731
-        g, theta, mean = mezo.projected_gradient(at, theta, seed_key(pool_key, j), eps,
-                                                 prng_impl)
-        theta = mezo.perturb(theta, seed_key(pool_key, j), -lr * g, prng_impl)
+        g, theta, mean = mezo.projected_gradient(at, theta, seed_key(pool_key, j), eps)
+        theta = mezo.perturb(theta, seed_key(pool_key, j), -lr * g)
         return theta, (j, g, mean)
       _, history = lax.scan(one, theta, _numbered(data))
       return history
 
-    # a loop, not vmap: a batched rbg draw differs from the replay's unbatched one
-    ids, start = _client_ids(count), _varying(trainable)
-    history = [client(start, jax.tree.map(lambda x: x[c], batch), ids[c]) for c in range(count)]
-    seeds, grads, means = (jnp.stack(h) for h in zip(*history))
+    seeds, grads, means = jax.vmap(client)(_start(trainable, count), batch, _client_ids(count))
     w = weights.astype(jnp.float32)
     local = jnp.zeros((pool_size,), jnp.float32).at[seeds.reshape(-1)].add(
         (w[:, None] * grads).reshape(-1))
     aggregated = lax.psum(local, AXIS) / lax.psum(jnp.sum(w), AXIS)
-    theta = replay(trainable, aggregated, pool_key, lr, prng_impl)
+    theta = replay(trainable, aggregated, pool_key, lr)
     loss_mean = lax.psum(jnp.sum(means), AXIS) / (lax.psum(count, AXIS) * means.shape[1])
     return theta, {"seeds": seeds, "grads": grads, "aggregated": aggregated, "loss": loss_mean}
 

@@ -9,24 +9,30 @@ direction ``z`` from two forward passes (SPSA), and moves along ``z``:
     g = (L+ - L-) / (2 eps)                     (the projected gradient, a scalar)
     theta <- theta - lr g z
 
-``z`` is never stored: every time it is needed it is drawn again from the same key,
-leaf by leaf (``z_leaf_i = normal(fold_in(draw_key(k_j), i), shape, dtype)``), so
-besides the parameters the step needs a forward pass's activations: the memory of
-inference. The step is one jitted program whose parameter buffers are donated; the
-perturbations run inside a ``lax.fori_loop`` whose carry XLA updates in place.
+``z`` is never stored: every time it is needed it is drawn again from the same key.
+Leaf ``i`` of ``z`` for key ``k`` is drawn in chunks of rows: the leaf is viewed as
+``[rows, cols]`` (``rows = shape[0]``), cut into blocks of ``R = max(1, CHUNK //
+cols)`` rows (the last one shorter), and block ``c`` is ``normal(fold_in(fold_in(k,
+i), c), [R, cols])``; a leaf of at most ``CHUNK`` elements is one block, ``normal(
+fold_in(fold_in(k, i), 0), shape)``. Each block is added into the parameters with a
+``dynamic_update_slice`` inside a ``lax.fori_loop``, which XLA performs in place.
 
-PRNG implementation. Which generator draws ``z`` decides the memory. With JAX's
-default threefry, XLA:CPU materializes about three leaf-sized ``uint32`` temporaries
-per draw: ``memory_analysis()`` of ``x + 1e-3 * normal(k, x.shape)`` for a donated
-``[30522, 384]`` float32 ``x`` (MiniLM's word embeddings, 44.7 MiB) shows 178.8 MiB
-of temporaries; with an ``rbg`` key (XLA's ``RngBitGenerator``) it shows 0 and the
-update happens in place (jax 0.10.2). So directions are drawn from an ``rbg`` key
-seeded by 128 bits of the given key (:func:`draw_key`); ``prng_impl=None`` keeps the
-caller's key type. Two caveats of ``rbg``: its bits may change across XLA versions
-and backends (same machine and version: same bits, which is what the replay needs),
-and a draw under ``vmap`` differs from the same draw unbatched, so a MeZO step must
-not be ``vmap``-ed across clients whose directions are replayed elsewhere (the
-federated round loops over them instead).
+Why chunks: XLA did not update a whole leaf in place from a whole-leaf draw.
+Measured with ``memory_analysis()`` (jax 0.10.2, XLA:CPU) for a donated ``[30522,
+384]`` float32 leaf (MiniLM's word embeddings, 44.7 MiB): ``x + 1e-3 * normal(k,
+x.shape)`` needs 178.8 MiB of temporaries with threefry keys (its counters and bits
+are materialized); with ``rbg`` keys one such update is in place, but two in a row
+already need a leaf-sized temporary (the draw's index mapping keeps XLA from
+sharing the buffer) and the SPSA sequence needs two. Chunked, the temporaries are a
+few chunks whatever the leaf, with any key type (the default threefry included, so
+draws are also the same under ``vmap`` and across backends).
+
+The two losses are computed inside the ``fori_loop`` that carries ``theta`` through
+the two perturbations (read outside it, XLA copied ``theta`` before the next
+in-place update). The whole step for that leaf then needs 6.8 MiB of temporaries
+(n = 1; 10.3 MiB for n = 4) instead of 92 MiB. So besides the parameters (donated:
+updated in place) the step needs a forward pass's activations and a few chunks: the
+memory of inference.
 
 n-SPSA (``n > 1``): ``n`` directions ``z_j`` from keys ``k_j = fold_in(zkey, j)``,
 each with its own ``g_j`` measured at the same ``theta``, then ``theta <- theta -
@@ -55,56 +61,58 @@ from picpq_jax.finetune.peft import Method, full, loss_of
 Array = jax.Array
 
 
-IMPLS = (None, "rbg")
+CHUNK = 1 << 18  # elements of z drawn at once (1 MiB of float32)
 
 
-def draw_key(key: Array, impl: str | None = "rbg") -> Array:
-  """The key a direction is drawn from: ``key`` itself (``impl=None``) or an ``impl``
-  key made of 128 bits of it, ``wrap_key_data(bits(key, (4,), uint32), impl)``."""
-  if impl is None:
-    return key
-  if impl not in IMPLS:
-    raise UserError(f"PRNG implementation {impl!r} for perturbations is unknown: use one of "
-                    f"{IMPLS}")
-  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+def _perturb_leaf(x: Array, key: Array, scale: Array, chunk: int) -> Array:
+  """``x + scale * z`` for one leaf, drawn and added block by block in place."""
+  scale = jnp.asarray(scale, x.dtype)
+  if x.size <= chunk or x.ndim == 0:
+    return (x + scale * jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
+            ).astype(x.dtype)
+  rows = x.shape[0]
+  cols = x.size // rows
+  per = max(1, chunk // cols)
+  count, rest = divmod(rows, per)
+  y = x.reshape(rows, cols)
+
+  def add(y, c, start, size):
+    part = lax.dynamic_slice_in_dim(y, start, size, 0)
+    z = jax.random.normal(jax.random.fold_in(key, c), (size, cols), x.dtype)
+    return lax.dynamic_update_slice_in_dim(y, (part + scale * z).astype(x.dtype), start, 0)
+
+  y = lax.fori_loop(0, count, lambda c, y: add(y, c, c * per, per), y)
+  if rest:
+    y = add(y, count, count * per, rest)
+  return y.reshape(x.shape)
 
 
-def direction(key: Array, like: Any, impl: str | None = "rbg") -> Any:
-  """The direction ``z`` for ``key``: standard normal leaves shaped like ``like``.
-
-  Leaf ``i`` (in ``jax.tree.leaves`` order) is ``normal(fold_in(draw_key(key, impl),
-  i), shape, dtype)``. Provided for inspection and tests; the step never stores a
-  whole ``z``.
-  """
-  base = draw_key(key, impl)
-  leaves, treedef = jax.tree.flatten(like)
-  return treedef.unflatten([jax.random.normal(jax.random.fold_in(base, i), x.shape, x.dtype)
-                            for i, x in enumerate(leaves)])
-
-
-def perturb(tree: Any, key: Array, scale: Array | float, impl: str | None = "rbg") -> Any:
-  """``tree + scale * z(key)``, leaf by leaf, each ``z`` leaf drawn and dropped at once.
+def perturb(tree: Any, key: Array, scale: Array | float, chunk: int = CHUNK) -> Any:
+  """``tree + scale * z(key)``, leaf by leaf and block by block (see the module docs).
 
   Args:
     tree: float pytree (the trainable parameters).
-    key: the direction's key (see :func:`direction`).
+    key: the direction's key.
     scale: float scalar (may be traced).
-    impl: PRNG implementation the directions are drawn with (see the module docs).
+    chunk: static; elements of ``z`` drawn at once (part of ``z``'s definition).
 
   Returns:
     Pytree of ``tree``'s structure and dtypes.
   """
-  base = draw_key(key, impl)
   leaves, treedef = jax.tree.flatten(tree)
-  out = []
-  for i, x in enumerate(leaves):
-    z = jax.random.normal(jax.random.fold_in(base, i), x.shape, x.dtype)
-    out.append((x + jnp.asarray(scale, x.dtype) * z).astype(x.dtype))
-  return treedef.unflatten(out)
+  return treedef.unflatten([_perturb_leaf(x, jax.random.fold_in(key, i), scale, chunk)
+                            for i, x in enumerate(leaves)])
+
+
+def direction(key: Array, like: Any, chunk: int = CHUNK) -> Any:
+  """The direction ``z`` for ``key``: standard normal leaves shaped like ``like``
+  (``perturb(zeros, key, 1)``). For inspection and tests; the step never stores a
+  whole ``z``."""
+  return perturb(jax.tree.map(jnp.zeros_like, like), key, 1.0, chunk)
 
 
 def projected_gradient(loss: Callable[[Any], Array], theta: Any, key: Array, eps: float,
-                       impl: str | None = "rbg") -> tuple[Array, Any, Array]:
+                       chunk: int = CHUNK) -> tuple[Array, Any, Array]:
   """One SPSA estimate, perturbing ``theta`` in place and restoring it.
 
   Args:
@@ -112,20 +120,24 @@ def projected_gradient(loss: Callable[[Any], Array], theta: Any, key: Array, eps
     theta: trainable pytree.
     key: the direction's key.
     eps: perturbation size.
-    impl: PRNG implementation of the direction.
+    chunk: as in :func:`perturb`.
 
   Returns:
     ``(g, theta, mean_loss)``: the projected gradient ``(L+ - L-) / (2 eps)`` (float32
     scalar), ``theta`` after ``+eps z, -2eps z, +eps z`` (equal to the input up to
     float rounding, as in the reference implementation), and ``(L+ + L-) / 2``.
   """
-  theta = perturb(theta, key, eps, impl)
-  plus = loss(theta)
-  theta = perturb(theta, key, -2.0 * eps, impl)
-  minus = loss(theta)
-  theta = perturb(theta, key, eps, impl)
-  g = (plus - minus).astype(jnp.float32) / (2.0 * eps)
-  return g, theta, 0.5 * (plus + minus).astype(jnp.float32)
+  def phase(p, carry):  # p = 0: +eps z, then L+; p = 1: -2 eps z, then L-
+    theta, losses = carry
+    theta = perturb(theta, key, jnp.where(p == 0, eps, -2.0 * eps), chunk)
+    return theta, losses.at[p].set(loss(theta).astype(jnp.float32))
+
+  # The losses are read inside the loop that owns ``theta``: read outside, the
+  # buffer feeding the next in-place update would be copied first (XLA's copy
+  # insertion), one more copy of the parameters.
+  theta, (plus, minus) = lax.fori_loop(0, 2, phase, (theta, jnp.zeros((2,), jnp.float32)))
+  theta = perturb(theta, key, eps, chunk)
+  return (plus - minus) / (2.0 * eps), theta, 0.5 * (plus + minus)
 
 
 class MezoStep(NamedTuple):
@@ -139,7 +151,7 @@ class MezoStep(NamedTuple):
 
 
 def make_step(loss_fn: Callable, method: Method | None = None, *, eps: float = 1e-3,
-              n: int = 1, prng_impl: str | None = "rbg", jit: bool = True,
+              n: int = 1, chunk: int = CHUNK, jit: bool = True,
               donate: bool = True) -> MezoStep:
   """A MeZO step (n-SPSA with ``n`` directions) over a method's trainable part.
 
@@ -149,8 +161,8 @@ def make_step(loss_fn: Callable, method: Method | None = None, *, eps: float = 1
     method: which part moves; ``None`` is :func:`~picpq_jax.finetune.peft.full`.
     eps: perturbation scale (the paper: 1e-3).
     n: directions per step, at least 1.
-    prng_impl: ``"rbg"`` (default) or ``None`` (the caller's key type, threefry by
-      default); see the module docs for the memory this decides.
+    chunk: elements of ``z`` drawn at once (see the module docs): the temporaries
+      are a few chunks (about 6 MiB at the default on XLA:CPU).
     jit: compile the step.
     donate: donate ``trainable`` (updated in place: memory stays at inference level).
 
@@ -161,9 +173,10 @@ def make_step(loss_fn: Callable, method: Method | None = None, *, eps: float = 1
   """
   if n < 1:
     raise UserError(f"MeZO needs at least one perturbation per step, got n={n}")
+  if chunk < 1:
+    raise UserError(f"MeZO chunk must be at least 1 element, got {chunk}")
   if not eps > 0:
     raise UserError(f"MeZO eps must be positive, got {eps}")
-  draw_key(jax.random.key(0), prng_impl)  # an unknown implementation fails here
   loss = loss_of(loss_fn, method or full())
 
   def step(frozen, trainable, batch, key, lr):
@@ -172,15 +185,14 @@ def make_step(loss_fn: Callable, method: Method | None = None, *, eps: float = 1
 
     def estimate(j, carry):
       theta, grads, total = carry
-      g, theta, mean = projected_gradient(at, theta, jax.random.fold_in(zkey, j), eps,
-                                          prng_impl)
+      g, theta, mean = projected_gradient(at, theta, jax.random.fold_in(zkey, j), eps, chunk)
       return theta, grads.at[j].set(g), total + mean
 
     theta, grads, total = lax.fori_loop(
         0, n, estimate, (trainable, jnp.zeros((n,), jnp.float32), jnp.float32(0)))
     theta = lax.fori_loop(
-        0, n, lambda j, t: perturb(t, jax.random.fold_in(zkey, j), -lr * grads[j] / n,
-                                   prng_impl), theta)
+        0, n, lambda j, t: perturb(t, jax.random.fold_in(zkey, j), -lr * grads[j] / n, chunk),
+        theta)
     return theta, {"loss": total / n, "projected_grad": grads}
 
   if jit:

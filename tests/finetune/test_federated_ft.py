@@ -67,11 +67,11 @@ out, info = zo(frozen, theta, batch, weights, key, ZLR, pool_key)
 seeds, grads = np.asarray(info["seeds"]), np.asarray(info["grads"], np.float64)
 assert seeds.shape == grads.shape == (M, E) and seeds.min() >= 0 and seeds.max() < K
 
-def z(j):  # the documented draw: leaf i of seed j is normal(fold_in(rbg(fold_in(pool_key, j)), i))
+def z(j):  # the documented draw, small leaves: normal(fold_in(fold_in(seed j's key, i), 0))
   k = jax.random.fold_in(pool_key, int(j))
-  k = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
-  return {name: np.asarray(jax.random.normal(jax.random.fold_in(k, i), theta0[name].shape),
-                           np.float64) for i, name in enumerate(("bias", "kernel"))}
+  return {name: np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, i), 0),
+                                             theta0[name].shape), np.float64)
+          for i, name in enumerate(("bias", "kernel"))}
 
 # what the server sends: per-seed weighted sums of the uploaded scalars
 agg = np.zeros(K)
