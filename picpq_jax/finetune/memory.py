@@ -20,21 +20,16 @@ from typing import Any, Callable
 import jax
 
 
-def compiled_memory(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int | None]:
-  """Bytes that XLA assigns to ``fn`` compiled for ``args``.
-
-  Args:
-    fn: a jitted function (anything with ``.lower``) or a plain one (jitted here,
-      without donation).
-    *args, **kwargs: arrays or ``jax.ShapeDtypeStruct`` s, as for ``fn.lower``.
+def memory_of(compiled: Any) -> dict[str, int | None]:
+  """The buffer sizes of an already compiled executable (``jit(f).lower(...).
+  compile()``), so a step that is run anyway is not compiled twice.
 
   Returns:
     ``{"argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
     "generated_code_bytes", "peak_bytes"}``; all ``None`` when the backend gives no
     analysis.
   """
-  lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs)
-  stats = lowered.compile().memory_analysis()
+  stats = compiled.memory_analysis()
   names = ("argument", "output", "temp", "alias", "generated_code")
   if stats is None:
     return {**{f"{n}_bytes": None for n in names}, "peak_bytes": None}
@@ -42,6 +37,18 @@ def compiled_memory(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int | 
   out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
                        - out["alias_bytes"])
   return out
+
+
+def compiled_memory(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int | None]:
+  """Bytes that XLA assigns to ``fn`` compiled for ``args`` (:func:`memory_of`).
+
+  Args:
+    fn: a jitted function (anything with ``.lower``) or a plain one (jitted here,
+      without donation).
+    *args, **kwargs: arrays or ``jax.ShapeDtypeStruct`` s, as for ``fn.lower``.
+  """
+  lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs)
+  return memory_of(lowered.compile())
 
 
 def peak_rss_bytes() -> int:
