@@ -46,3 +46,29 @@ from picpq_jax.finetune.text import split_ids
 from picpq_jax.finetune.text import sst2_paths
 from picpq_jax.finetune.text import text_batches
 from picpq_jax.finetune.text import tinyshakespeare_path
+
+# Methods: composable transforms over param pytrees (see picpq_jax.finetune.peft).
+from picpq_jax.finetune import federated
+from picpq_jax.finetune import lora
+from picpq_jax.finetune import memory
+from picpq_jax.finetune import mezo
+from picpq_jax.finetune import peft
+from picpq_jax.finetune import qlora
+from picpq_jax.finetune.federated import fedit_round
+from picpq_jax.finetune.federated import fedit_traffic
+from picpq_jax.finetune.federated import zo_round
+from picpq_jax.finetune.federated import zo_traffic
+from picpq_jax.finetune.memory import compiled_memory
+from picpq_jax.finetune.memory import memory_of
+from picpq_jax.finetune.memory import peak_rss_bytes
+from picpq_jax.finetune.mezo import MezoStep
+from picpq_jax.finetune.peft import Method
+from picpq_jax.finetune.peft import TrainStep
+from picpq_jax.finetune.peft import bitfit
+from picpq_jax.finetune.peft import bitfit_mask
+from picpq_jax.finetune.peft import full
+from picpq_jax.finetune.peft import make_train_step
+from picpq_jax.finetune.peft import prompt
+from picpq_jax.finetune.peft import train_also
+from picpq_jax.finetune.peft import trainable_count
+from picpq_jax.finetune.qlora import QuantizedTensor

@@ -151,3 +151,13 @@ def test_compiled_memory_reads_the_buffer_assignment():
   donated = memory.compiled_memory(jax.jit(lambda a: a + 1, donate_argnums=0), x)
   assert donated["alias_bytes"] == 4000  # the output reuses the donated buffer
   assert memory.peak_rss_bytes() > 2 ** 20
+
+
+def test_methods_are_exported_from_the_package():
+  import picpq_jax.finetune as ft  # pylint: disable=import-outside-toplevel
+  for name in ("Method", "TrainStep", "make_train_step", "full", "bitfit", "bitfit_mask",
+               "prompt", "train_also", "trainable_count", "QuantizedTensor", "MezoStep",
+               "fedit_round", "zo_round", "fedit_traffic", "zo_traffic", "compiled_memory",
+               "memory_of", "peak_rss_bytes"):
+    assert hasattr(ft, name), name
+  assert ft.lora.method("query").name == "lora" and ft.qlora.method().name == "qlora"
