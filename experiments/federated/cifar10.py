@@ -18,25 +18,18 @@ runs two rounds on the bundled 5,000-image subset instead, to check the script.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 # One simulated CPU device per client, unless the caller chose (must precede jax's import).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # pylint: disable=wrong-import-position
-
+from experiments.federated.common import (RESULTS, ROOT, SHARED_ZIP, provenance,  # pylint: disable=wrong-import-position
+                                          write_results)
 from picpq_jax.federated import FederatedConfig, run_federated  # pylint: disable=wrong-import-position
 from picpq_jax.federated.report import histogram_rows  # pylint: disable=wrong-import-position
-
-ROOT = Path(__file__).resolve().parents[2]
-SHARED_ZIP = ROOT.parent / "shared" / "data" / "cifar10" / "train.zip"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (partition, methods, smashed bits): one `run_federated` call each.
 PLAN = (
@@ -159,7 +152,7 @@ def _table(rows: list[list[str]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
-def _plot(record: dict, path: Path) -> None:
+def _plot(record: dict, path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -207,15 +200,10 @@ def main(argv=None) -> int:
     record_runs.setdefault(partition, {}).update(results["runs"])
     sizes[partition] = results["client_sizes"]
     histograms[partition] = results["label_histogram"]
-  command = " ".join(["XLA_FLAGS=--xla_force_host_platform_device_count=8",
-                      ".venv/bin/python -m experiments.federated.cifar10", *sys.argv[1:]])
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=ROOT).stdout.strip()
   record = {
-      "command": command, "commit": commit, "jax": jax.__version__,
-      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-      "devices": results["devices"], "date": time.strftime("%Y-%m-%d"),
-      "wall_time_s": time.time() - t0,
+      **provenance("experiments.federated.cifar10", sys.argv[1:]),
+      "machine": platform.processor() or platform.machine(),
+      "devices": results["devices"], "wall_time_s": time.time() - t0,
       "rounds_time_s": sum(r["train_time_s"] for runs in record_runs.values()
                            for r in runs.values()),
       "setup": {"num_train": results["num_train"], "num_val": results["num_val"],
@@ -228,11 +216,7 @@ def main(argv=None) -> int:
       "runs": record_runs,
   }
   out = RESULTS if not args.quick else ROOT / "runs" / "federated" / "cifar10-quick"
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "cifar10.json").write_text(json.dumps(record, indent=2))
-  (out / "cifar10.md").write_text(_markdown(record))
-  _plot(record, out / "cifar10.png")
-  print(f"wrote {out / 'cifar10.md'} in {record['wall_time_s'] / 60:.1f} min")
+  write_results(out, "cifar10", record, _markdown, _plot)
   return 0
 
 

@@ -1,10 +1,11 @@
 """Federated split training over a ``clients`` device mesh.
 
-Partitioning (IID, Dirichlet, k classes per client), cutting a model into client and
-server parts, SplitFed-V1 and a sequential-server variant, FedAvg and centralized
-baselines expressed with ``jax.shard_map``, sample-weighted averaging with ``psum``,
-partial participation, exact communication accounting with optional k-bit smashed
-data, and the ``picpq federated`` run.
+Partitioning (IID, Dirichlet, k classes per client), cutting any model of the library
+into client and server parts, SplitFed-V1 and a sequential-server variant, FedAvg and
+centralized baselines expressed with ``jax.shard_map``, sample-weighted averaging with
+``psum``, partial participation, exact communication accounting with optional k-bit
+smashed data, a PIC-PQ-compressed client (pruned, low-bit front) with its edge cost, and
+the ``picpq federated`` run.
 """
 
 from picpq_jax.federated.averaging import fedavg_weights
@@ -18,6 +19,9 @@ from picpq_jax.federated.comm import tree_bytes
 from picpq_jax.federated.config import METHODS
 from picpq_jax.federated.config import FederatedConfig
 from picpq_jax.federated.distributed import AXIS
+from picpq_jax.federated.edge import edge_cost
+from picpq_jax.federated.edge import load_compressed
+from picpq_jax.federated.edge import load_start
 from picpq_jax.federated.distributed import clients_mesh
 from picpq_jax.federated.distributed import distributed_env
 from picpq_jax.federated.distributed import initialize_if_multihost
@@ -36,10 +40,9 @@ from picpq_jax.federated.rounds import parallel_round
 from picpq_jax.federated.rounds import sequential_round
 from picpq_jax.federated.run import FedState
 from picpq_jax.federated.run import run_federated
-from picpq_jax.federated.split import ResNetClient
-from picpq_jax.federated.split import ResNetServer
 from picpq_jax.federated.split import SplitModel
 from picpq_jax.federated.split import split_model
+from picpq_jax.federated.split import valid_cuts
 from picpq_jax.federated.steps import PartState
 from picpq_jax.federated.steps import model_step
 from picpq_jax.federated.steps import split_step
@@ -50,8 +53,6 @@ __all__ = (
     "FederatedConfig",
     "METHODS",
     "PartState",
-    "ResNetClient",
-    "ResNetServer",
     "SplitModel",
     "Traffic",
     "centralized_round",
@@ -61,12 +62,15 @@ __all__ = (
     "clients_mesh",
     "dirichlet_partition",
     "distributed_env",
+    "edge_cost",
     "fedavg_traffic",
     "fedavg_weights",
     "format_histogram",
     "iid_partition",
     "initialize_if_multihost",
     "label_histogram",
+    "load_compressed",
+    "load_start",
     "message_bytes",
     "model_step",
     "parallel_round",
@@ -80,5 +84,6 @@ __all__ = (
     "split_step",
     "split_traffic",
     "tree_bytes",
+    "valid_cuts",
     "weighted_average",
 )

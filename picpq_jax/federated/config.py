@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from picpq_jax import models
+from picpq_jax.errors import UserError
+from picpq_jax.federated.edge import CLIENT_WEIGHTS
 from picpq_jax.federated.partition import SCHEMES
+from picpq_jax.federated.split import check_cut
 from picpq_jax.options import check, option
 from picpq_jax.train.config import SCHEDULES
 
@@ -18,14 +22,14 @@ CLIENT_LOOPS = ("vmap", "unroll")
 RESUME_FIELDS = ("arch", "data", "val_size", "train_size", "clients", "partition", "alpha",
                  "classes_per_client", "min_client_size", "participation", "cut", "rounds",
                  "local_steps", "batch_size", "lr", "schedule", "momentum", "weight_decay",
-                 "sync_optimizer", "smashed_bits", "seed")
+                 "sync_optimizer", "smashed_bits", "seed", "client_from", "client_weights", "init_from")
 
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
   """Options of a federated run; ``metadata["help"]`` of each field is its ``--help``."""
 
-  arch: str = option("resnet20", "architecture (split methods: a CIFAR ResNet, resnet8..resnet110)")
+  arch: str = option("resnet20", "architecture: resnet8..resnet110, vgg16, mobilenetv2 or resnet18")
   data: str = option("embedded", "'embedded', a folder or .zip of <split>/<class>/<file>, a cifar-10-batches-py folder, or tfds:NAME")
   workdir: str = option("runs/federated", "where each method's checkpoints and metrics, results.json, report.md and plot.png go")
   val_size: int = option(500, "images held out from the training split for validation")
@@ -37,7 +41,7 @@ class FederatedConfig:
   classes_per_client: int = option(2, "classes each client holds (--partition classes)")
   min_client_size: int = option(10, "smallest client a Dirichlet draw may produce")
   participation: float = option(1.0, "fraction of clients (seeded sample) taking part in each round")
-  cut: int = option(1, "split point: 0 after the stem, k = 1..3 after stage k")
+  cut: int = option(1, "split point, after piece k: CIFAR ResNets 0 (stem) or 1..3 (stage k); resnet18 0..4; vgg16 1..5 (conv group k with its pool); mobilenetv2 0 (stem) or 1..7 (stage k)")
   rounds: int = option(10, "communication rounds")
   local_steps: int = option(10, "local SGD steps per client and round (E); averaging every E steps")
   batch_size: int = option(32, "batch size of each client (centralized: this times the clients per round)")
@@ -47,6 +51,9 @@ class FederatedConfig:
   weight_decay: float = option(5e-4, "L2 weight decay added to the gradients")
   sync_optimizer: bool = option(False, "average the clients' momentum with their models (sent both ways; counted) instead of restarting it each round")
   smashed_bits: int = option(32, "bits per value of the smashed data and its gradient: 32 = float32, 2..16 = uniform quantization")
+  client_from: str = option("", "a `picpq compress` workdir: split the PIC-PQ model (its plan's masks and bit-widths, its quantizer, its newest weights) so the client runs the pruned, low-bit front; split methods only")
+  client_weights: str = option("newest", "which weights of --client-from start the run: newest (qat/, else finetune/, else the compressed checkpoint with pruned weights zeroed), qat, finetune or checkpoint")
+  init_from: str = option("", "start every method from this `picpq train` workdir's weights instead of a random initialization")
   devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide the clients per round)")
   client_loop: str = option("vmap", "how a device runs several clients: vmap, or unroll (one after another in one program; faster on CPU)")
   eval_every: int = option(1, "evaluate every N rounds (and after the last)")
@@ -70,7 +77,16 @@ class FederatedConfig:
     check(self.classes_per_client >= 1, "classes_per_client", self.classes_per_client, "an integer >= 1")
     check(self.min_client_size >= 1, "min_client_size", self.min_client_size, "an integer >= 1")
     check(0.0 < self.participation <= 1.0, "participation", self.participation, "(0, 1]")
-    check(0 <= self.cut <= 3, "cut", self.cut, "0 (after the stem) or 1..3 (after that stage)")
+    if any(m in SPLIT_METHODS for m in self.method_list) and self.arch in models.MODELS:
+      check_cut(self.arch, models.get_model(self.arch), self.cut)
+    check(self.client_weights in CLIENT_WEIGHTS, "client_weights", self.client_weights,
+          " or ".join(CLIENT_WEIGHTS))
+    if self.client_from and self.init_from:
+      raise UserError("--client-from and --init-from both give starting weights: pass one")
+    if self.client_from and any(m not in SPLIT_METHODS for m in self.method_list):
+      raise UserError(f"--client-from compresses the split client, so --methods must be "
+                      f"split methods ({','.join(SPLIT_METHODS)}), not {self.methods!r}: run "
+                      f"the others without --client-from")
     check(1 <= self.rounds <= 100_000, "rounds", self.rounds, "1..100000")
     check(1 <= self.local_steps <= 100_000, "local_steps", self.local_steps, "1..100000")
     check(1 <= self.batch_size <= 65_536, "batch_size", self.batch_size, "1..65536")
@@ -92,10 +108,12 @@ class FederatedConfig:
     return tuple(m.strip() for m in self.methods.split(",") if m.strip())
 
   def run_name(self, method: str) -> str:
-    """The folder and label of a method's run: ``splitfed``, ``splitfed-8bit``, ..."""
-    if method in SPLIT_METHODS and self.smashed_bits < 32:
-      return f"{method}-{self.smashed_bits}bit"
-    return method
+    """The folder and label of a method's run: ``splitfed``, ``splitfed-8bit``,
+    ``splitfed-picpq-4bit`` (``--client-from``), ..."""
+    if method not in SPLIT_METHODS:
+      return method
+    return (method + ("-picpq" if self.client_from else "")
+            + (f"-{self.smashed_bits}bit" if self.smashed_bits < 32 else ""))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

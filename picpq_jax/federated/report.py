@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from picpq_jax import models
 from picpq_jax.errors import UserError
+from picpq_jax.federated.comm import message_bytes
 from picpq_jax.federated.config import SPLIT_METHODS, FederatedConfig
+from picpq_jax.federated.split import valid_cuts
 
 LABELS = {"splitfed": "SplitFed-V1", "sequential": "Split, sequential server",
           "fedavg": "FedAvg", "centralized": "Centralized"}
+PICPQ_LABEL = " (PIC-PQ client)"
 
 
 def summarize(name: str, method: str, config: FederatedConfig,
@@ -28,7 +32,8 @@ def summarize(name: str, method: str, config: FederatedConfig,
                   "val_accuracy": r.get("val_accuracy"), "cumulative_bytes": total})
   split = method in SPLIT_METHODS
   return {
-      "name": name, "method": method, "label": LABELS[method],
+      "name": name, "method": method,
+      "label": LABELS[method] + (PICPQ_LABEL if split and config.client_from else ""),
       "smashed_bits": config.smashed_bits if split else None, "cut": config.cut if split else None,
       "rounds": len(records), "rounds_planned": config.rounds,
       "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
@@ -104,14 +109,53 @@ def markdown(results: dict[str, Any]) -> str:
       f"per client; lr {c['lr']} ({c['schedule']}), momentum {c['momentum']}, "
       f"weight decay {c['weight_decay']}; client momentum "
       f"{'averaged' if c['sync_optimizer'] else 'restarted each round'}\n"
-      f"- split after {'the stem' if c['cut'] == 0 else 'stage ' + str(c['cut'])}; smashed "
+      f"- split at --cut {c['cut']}, after "
+      f"{valid_cuts(models.get_model(c['arch'])).get(c['cut'], '?')}; smashed "
       f"data and gradients at {c['smashed_bits']} bits\n"
+      f"- starting weights: {_start_line(results.get('start', {}))}\n"
       f"- devices: {results['devices']}, {results['processes']} process(es); wall time "
       f"{results['wall_time_s'] / 60:.1f} min\n\n"
       f"{_markdown_table(summary_rows(results['runs']))}\n\n"
+      + (f"Edge cost of the client part (per image; FLOPs = MACs, BOPs = MACs x weight "
+         f"bits x activation bits):\n\n{_markdown_table(edge_rows(results['edge'], c))}\n\n"
+         if results.get("edge") else "") +
       f"Validation accuracy per round:\n\n{_markdown_table(curve_rows(results['runs']))}\n\n"
       f"Training images per client and class:\n\n"
       f"{_markdown_table(histogram_rows(results['label_histogram'], results['class_names']))}\n")
+
+
+def _start_line(start: dict[str, Any]) -> str:
+  if start.get("client_from"):
+    return (f"PIC-PQ model of {start['client_from']} ({start['weights']}; "
+            f"{start['quantizer']} quantizer, its plan's masks and bit-widths)")
+  if start.get("init_from"):
+    return f"{start['init_from']} ({start['weights']})"
+  return start.get("weights", "random")
+
+
+def edge_rows(edge: dict[str, Any], config: dict[str, Any]) -> list[list[str]]:
+  """Header and rows: the client part's cost and traffic, unpruned 32-bit vs this run's.
+
+  ``edge`` is :func:`picpq_jax.federated.edge.edge_cost` without ``client_sent``;
+  message bytes per step are for ``config["batch_size"]`` images at
+  ``config["smashed_bits"]`` bits (see :func:`picpq_jax.federated.comm.message_bytes`).
+  """
+  b, bits = config["batch_size"], config["smashed_bits"]
+  full_msg = message_bytes((b * edge["smashed_values_full"],), "float32", bits)
+  msg = message_bytes((b * edge["smashed_values"],), "float32", bits)
+  rows = [["client part", "unpruned, 32-bit", "this run", "reduction"]]
+  for key, label in (("flops", "FLOPs (MACs)"), ("params", "params"), ("bops", "BOPs")):
+    full, now = edge["client_full"][key], edge["client"][key]
+    rows.append([label, f"{full:,.0f}", f"{now:,.0f}", f"{full / now:.2f}x" if now else "-"])
+  h, w, c = edge["smashed_shape"]
+  rows.append(["smashed channels sent", f"{c} ({h}x{w}x{c})",
+               str(edge["smashed_channels_sent"]), f"{c / edge['smashed_channels_sent']:.2f}x"])
+  rows.append([f"smashed bytes per step (batch {b}, {bits} bits)", f"{full_msg:,}", f"{msg:,}",
+               f"{full_msg / msg:.2f}x"])
+  full_model, model = edge["client_model_bytes_full"], edge["client_model_bytes"]
+  rows.append(["client model bytes per exchange", f"{full_model:,}", f"{model:,}",
+               f"{full_model / model:.2f}x"])
+  return rows
 
 
 def histogram_rows(hist: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[list[str]]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from picpq_jax import data as pdata
 from picpq_jax import models
 from picpq_jax.errors import UserError
-from picpq_jax.federated import comm, partition as fpart, report, rounds
+from picpq_jax.federated import comm, edge as fedge, partition as fpart, report, rounds
 from picpq_jax.federated.config import RESUME_FIELDS, SPLIT_METHODS, FederatedConfig
 from picpq_jax.federated.distributed import AXIS, clients_mesh
 from picpq_jax.federated.split import SplitModel, split_model
@@ -164,6 +164,7 @@ class Setup:
   model: Any  # the whole model (unbound Flax module)
   split: SplitModel | None  # its cut, when a split method runs
   variables: dict  # initial variables, shared by every method
+  edge: dict | None  # the client part's cost and what it sends (fedge.edge_cost)
   tx: Any  # optimizer with learning rate 1 (see picpq_jax.federated.steps)
   schedule: Callable  # global step -> learning rate
   preprocess: Callable  # (key, uint8 images) -> augmented, normalized float32
@@ -198,10 +199,11 @@ def _method_program(setup: Setup, method: str) -> Program:
     else:
       fn = rounds.sequential_round(setup.split, tx, setup.preprocess, setup.mesh,
                                    reset_client=not c.sync_optimizer, client_loop=c.client_loop)
-    x = jax.ShapeDtypeStruct((c.batch_size, *setup.train.image_shape), jnp.float32)
-    smashed = jax.eval_shape(functools.partial(setup.split.client.apply, train=False), cv, x)
+    # Only the kept channels of the smashed data and kept entries of the client cross.
+    smashed = jax.ShapeDtypeStruct((c.batch_size, *setup.edge["smashed_shape"][:-1],
+                                    setup.edge["smashed_channels_sent"]), jnp.float32)
     labels = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
-    synced = _synced(parts["client"], c.sync_optimizer)
+    synced = _synced(setup.edge["client_sent"], tx, c.sync_optimizer)
     traffic = lambda r: comm.split_traffic(smashed, labels, synced, m, c.local_steps,
                                            c.smashed_bits)
     fp32 = lambda r: comm.split_traffic(smashed, labels, synced, m, c.local_steps)
@@ -217,7 +219,7 @@ def _method_program(setup: Setup, method: str) -> Program:
                                  setup.preprocess, setup.mesh,
                                  reset=() if c.sync_optimizer else ("model",),
                                  client_loop=c.client_loop)
-      synced = _synced(parts["model"], c.sync_optimizer)
+      synced = _synced(setup.variables, tx, c.sync_optimizer)
       traffic = lambda r: comm.fedavg_traffic(synced, m)
     else:
       fn = rounds.centralized_round(setup.model, tx, setup.preprocess, setup.mesh)
@@ -232,12 +234,13 @@ def _method_program(setup: Setup, method: str) -> Program:
   return Program(state, consts, fn, eval_vars, traffic, fp32)
 
 
-def _synced(part: PartState, with_optimizer: bool) -> dict:
-  """What a client exchanges each round: params and BN statistics (and momentum)."""
-  out = {"params": part.params, "batch_stats": part.batch_stats}
+def _synced(variables: dict, tx: Any, with_optimizer: bool) -> dict:
+  """What a client exchanges each round: params and BN statistics (and momentum), as
+  shapes, given (the shapes of) the ``params`` and ``batch_stats`` it holds."""
+  out = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   if with_optimizer:
-    out["opt_state"] = part.opt_state
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out)
+    out["opt_state"] = jax.eval_shape(tx.init, out["params"])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), out)
 
 
 def _run_round(setup: Setup, method: str, program: Program, state: FedState,
@@ -332,12 +335,39 @@ def _traffic_record(t: comm.Traffic, fp32: comm.Traffic) -> dict[str, Any]:
           "up": t.up, "down": t.down, "fp32_total_bytes": fp32.total_bytes}
 
 
+def _starting_point(config: FederatedConfig, train: pdata.ImageDataset,
+                    input_shape: tuple[int, ...]) -> fedge.Start:
+  """Random initialization, ``--init-from`` or ``--client-from`` (see :mod:`.edge`)."""
+  if not (config.client_from or config.init_from):
+    model = models.get_model(config.arch, num_classes=train.num_classes)
+    return fedge.Start(models.init_variables(model, jax.random.key(config.seed), input_shape),
+                       models.FullPrecision(), None, {"weights": f"random (seed {config.seed})"})
+  if config.init_from:
+    start = fedge.load_start(config.init_from, config.arch, train.num_classes)
+  else:
+    start = fedge.load_compressed(config.client_from, config.arch, train.num_classes,
+                                  train.images[:128], config.client_weights)
+  _check_validation_split(config, start.meta)
+  return start
+
+
+def _check_validation_split(config: FederatedConfig, meta: dict) -> None:
+  """UserError if pretrained weights saw this run's validation images in training."""
+  trained = meta["config"]
+  same_data = (trained["data"] == config.data or (
+      os.path.exists(trained["data"]) and os.path.exists(config.data)
+      and os.path.samefile(trained["data"], config.data)))
+  if same_data and (trained["val_size"], trained["seed"]) != (config.val_size, config.seed):
+    flag = "--client-from" if config.client_from else "--init-from"
+    raise UserError(f"the {flag} weights were trained with --val-size={trained['val_size']} "
+                    f"--seed={trained['seed']}; this run would validate on images they were "
+                    f"trained on: pass --val-size {trained['val_size']} --seed {trained['seed']}")
+
+
 def setup_run(config: FederatedConfig, print_fn: Callable[[str], None] = print) -> Setup:
   """Data, partition, mesh, model, optimizer and steps shared by every method."""
-  spec = models.get_spec(config.arch)
+  spec = models.get_spec(config.arch)  # (FederatedConfig checked --cut against --arch)
   needs_split = any(m in SPLIT_METHODS for m in config.method_list)
-  if needs_split:
-    split_model(config.arch, config.cut)  # bad --arch/--cut fail before the data loads
   m = fpart.participants_per_round(config.clients, config.participation)
   mesh = clients_mesh(m, config.devices)
   train, val, parts = load_client_data(config, spec.input_shape)
@@ -345,19 +375,26 @@ def setup_run(config: FederatedConfig, print_fn: Callable[[str], None] = print) 
   print_fn(f"{config.partition} partition of {len(train)} training images over "
            f"{config.clients} clients ({m} per round, {mesh.size} devices):\n"
            + fpart.format_histogram(hist, train.class_names))
-  mean, std = pdata.channel_stats(train.images)
-  model = models.get_model(config.arch, num_classes=train.num_classes)
+  start = _starting_point(config, train, spec.input_shape)
+  if start.meta is None:
+    mean, std = pdata.channel_stats(train.images)
+  else:  # the weights were trained on inputs normalized this way
+    mean, std = (np.asarray(start.meta["normalization"][k], np.float32) for k in ("mean", "std"))
+  model = models.get_model(config.arch, num_classes=train.num_classes, quantizer=start.quantizer)
   split = split_model(model, config.cut) if needs_split else None
-  variables = jax.device_get(  # on the host: each method copies it to the mesh
-      models.init_variables(model, jax.random.key(config.seed), spec.input_shape))
+  variables = jax.device_get(start.variables)  # on the host: each method copies it to the mesh
+  edge = None
+  if split is not None:
+    edge = fedge.edge_cost(split, models.model_structure(model, spec.input_shape), variables)
   mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
   meta = {"config": config.to_dict(), "class_names": list(train.class_names),
           "normalization": {"mean": mean.tolist(), "std": std.tolist()},
           "client_sizes": [len(p) for p in parts], "label_histogram": hist.tolist(),
-          "num_train": len(train), "num_val": len(val)}
+          "num_train": len(train), "num_val": len(val), "start": start.info}
   return Setup(
       config=config, train=train, val=val, parts=parts, mesh=mesh, model=model, split=split,
-      variables=variables, tx=optim.sgd_nesterov(1.0, config.momentum, config.weight_decay),
+      variables=variables, edge=edge,
+      tx=optim.sgd_nesterov(1.0, config.momentum, config.weight_decay),
       schedule=optim.make_schedule(config.schedule, config.lr, config.rounds * config.local_steps),
       preprocess=lambda key, x: pdata.normalize(pdata.augment(key, x), mean_j, std_j),
       eval_step=jit_eval_step(model, lambda x: pdata.normalize(x, mean_j, std_j)), meta=meta)
@@ -391,7 +428,10 @@ def run_federated(config: FederatedConfig, *, stop_after_round: int | None = Non
       "class_names": setup.meta["class_names"],
       "devices": f"{setup.mesh.size} x {jax.devices()[0].device_kind}",
       "processes": jax.process_count(), "runs": runs, "wall_time_s": time.time() - t_start,
+      "start": setup.meta["start"],
   }
+  if setup.edge is not None:
+    results["edge"] = {k: v for k, v in setup.edge.items() if k != "client_sent"}
   os.makedirs(config.workdir, exist_ok=True)
   if jax.process_index() == 0:
     write_atomic(os.path.join(config.workdir, "results.json"), json.dumps(results, indent=2))

@@ -1,21 +1,44 @@
 """Cutting a model in two: a client part up to the cut and a server part after it.
 
-For the CIFAR ResNets the two parts are small Flax modules that reuse the model's own
-block classes (:class:`~picpq_jax.models.resnet_cifar.BasicBlock`, ``QConv``,
-``batch_norm``, ``channel_mask``) under the *same* submodule and variable names, so
-the client's and the server's variables are subtrees of the whole model's:
-``split(variables)`` and ``merge(client, server)`` only regroup top-level keys.
+Every model of the library is a sequence of pieces (its ``pieces()``: a stem, stages or
+conv groups, a head) and runs a contiguous range of them when its static ``span``
+field says so (:data:`picpq_jax.models.layers.Span`). The client is the model with
+``span=(0, b)``, the server the same model with ``span=(b, len(pieces))``: the same
+module code under the same submodule names, so each part's ``params``,
+``batch_stats`` and ``quant`` are subtrees of the whole model's and
+``split(variables)`` / ``merge(client, server)`` only regroup top-level keys. A
+compacted model (``group_sizes``, ``shortcut_maps``) splits like a dense one.
 
-Cut points (``cut``): ``0`` after the stem (conv-BN-ReLU), ``k`` in ``1..3`` after the
-last block of stage ``k``. Masks are data that both sides need where a channel group
-spans the cut (``stage1`` at cut 0): each side holds a copy, and the merge keeps the
-client's. Other architectures raise a :class:`~picpq_jax.errors.UserError`.
+``--cut k`` cuts after the piece numbered ``k``: ``stem`` is 0, ``stage{k}`` /
+``group{k}`` is ``k``; the head is never a cut. Per architecture
+(:func:`valid_cuts`):
+
+=================  ======  ====================================================
+architecture       cuts    the client runs
+=================  ======  ====================================================
+resnet8..resnet110 0..3    0: stem conv-BN-ReLU; k: the stem and stages 1..k
+resnet18           0..4    0: stem conv-BN-ReLU and max-pool; k: also stages 1..k
+vgg16              1..5    conv groups 1..k with their pools (group k ends at the
+                           k-th max-pool; group 5, conv11-13, with the average pool)
+mobilenetv2        0..7    0: stem; k: also inverted-residual stages 1..k
+=================  ======  ====================================================
+
+Smashed data per 32x32 image: ResNet-20 ``32x32x16`` at cut 0 and 1, ``16x16x32`` at
+2, ``8x8x64`` at 3; VGG-16 ``16x16x64``, ``8x8x128``, ``4x4x256``, ``2x2x512``,
+``1x1x512``; MobileNetV2 ``32x32x32`` at 0, then ``x16``, ``x24``, ``16x16x32``,
+``8x8x64``, ``8x8x96``, ``4x4x160``, ``4x4x320``.
+
+Masks are constants (never trained nor sent): both parts hold the whole model's
+``masks``, so a group that spans the cut is masked the same on both sides. The
+smashed data's channels belong to the group its last client layer writes
+(:attr:`SplitModel.smashed_group`): only that group's kept channels need to cross.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -23,90 +46,44 @@ import jax.numpy as jnp
 
 from picpq_jax import models
 from picpq_jax.errors import UserError
-from picpq_jax.models.layers import QConv, QDense, batch_norm, channel_mask
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
-from picpq_jax.models.resnet_cifar import BasicBlock, CifarResNet
+from picpq_jax.models.structure import ChannelGroup, ModelStructure, model_structure
 
-Array = jax.Array
 COLLECTIONS = ("params", "batch_stats", "masks", "quant")
-RESNET_CUTS = (0, 1, 2, 3)
+Keys = tuple[tuple[str, tuple[str, ...]], ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class ResNetWiring:
-  """The static widths and shortcuts of a CIFAR ResNet, read off the whole model.
+def _piece_cut(piece: str) -> int:
+  """The ``--cut`` value after piece ``piece``: 0 for ``stem``, ``k`` for ``stage{k}``."""
+  if piece == "stem":
+    return 0
+  match = re.fullmatch(r"[a-z]+(\d+)", piece)
+  if not match:
+    raise ValueError(f"piece {piece!r} is neither 'stem' nor a name ending in its number")
+  return int(match.group(1))
 
-  Taken from the model's variables (mask sizes) and its ``shortcut_maps`` field, so a
-  compacted model (narrower groups, index shortcuts) splits like a dense one.
+
+def valid_cuts(model: nn.Module) -> dict[int, str]:
+  """``{cut: piece}``: each valid ``--cut`` of ``model`` and the piece it cuts after.
+
+  Static: reads only the module's fields (its ``pieces()``), no tracing.
   """
-
-  blocks: int  # basic blocks per stage
-  stream: tuple[int, ...]  # channels of each stage's residual stream
-  mid: tuple[tuple[int, ...], ...]  # [stage][block] inner channels
-  shortcut_maps: tuple[tuple[int, ...], ...] | None  # None: option A zero-padding
-
-
-def _stream_masks(module: nn.Module, wiring: ResNetWiring, stages: range) -> dict[int, Array]:
-  """The residual-stream mask of each stage in ``stages``: ``{s: float32 [stream[s]]}``."""
-  return {s: channel_mask(module, f"stage{s + 1}", wiring.stream[s]) for s in stages}
+  if not hasattr(model, "pieces"):
+    raise UserError(f"{type(model).__name__} declares no pieces(), so split training cannot "
+                    f"cut it: use a model of picpq_jax.models")
+  pieces = model.pieces()
+  return {_piece_cut(p): p for p in pieces[:-1]}
 
 
-def _run_stages(module: nn.Module, x: Array, stages: range, streams: dict[int, Array],
-                wiring: ResNetWiring, quantizer: Quantizer, train: bool) -> Array:
-  """Runs the basic blocks of ``stages`` exactly as :class:`CifarResNet` names and wires them."""
-  for s in stages:
-    for b in range(wiring.blocks):
-      name = f"stage{s + 1}_block{b}"
-      first = s > 0 and b == 0
-      x = BasicBlock(
-          wiring.stream[s], stride=2 if first else 1,
-          in_group=f"stage{s}" if first else f"stage{s + 1}", mid_group=f"{name}_mid",
-          out_group=f"stage{s + 1}", quantizer=quantizer, mid_features=wiring.mid[s][b],
-          shortcut_index=wiring.shortcut_maps[s - 1] if (first and wiring.shortcut_maps) else None,
-          name=name)(x, channel_mask(module, f"{name}_mid", wiring.mid[s][b]), streams[s], train)
-  return x
+def describe_cuts(model: nn.Module) -> str:
+  """``"0 (after stem), 1 (after stage1), ..."``: the valid cuts, for messages and help."""
+  return ", ".join(f"{k} (after {p})" for k, p in valid_cuts(model).items())
 
 
-class ResNetClient(nn.Module):
-  """Front of a CIFAR ResNet: stem and stages ``1..cut``.
-
-  ``[N, 32, 32, 3] -> [N, h, w, c]`` smashed data (``32x32x16`` at cut 0 and 1,
-  ``16x16x32`` at cut 2, ``8x8x64`` at cut 3 for the standard widths), post-ReLU and
-  masked.
-  """
-
-  wiring: ResNetWiring
-  cut: int
-  quantizer: Quantizer = FullPrecision()
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    streams = _stream_masks(self, self.wiring, range(max(self.cut, 1)))
-    x = QConv(self.wiring.stream[0], out_group="stage1", quantizer=self.quantizer,
-              name="stem_conv")(x)
-    x = nn.relu(batch_norm(train, "stem_bn")(x)) * streams[0]
-    return _run_stages(self, x, range(self.cut), streams, self.wiring, self.quantizer, train)
-
-
-class ResNetServer(nn.Module):
-  """Back of a CIFAR ResNet: stages ``cut+1..3``, global average pool and the head.
-
-  ``[N, h, w, c]`` smashed data -> ``[N, num_classes]`` logits.
-  """
-
-  wiring: ResNetWiring
-  cut: int
-  num_classes: int = 10
-  quantizer: Quantizer = FullPrecision()
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    stages = range(self.cut, len(self.wiring.stream))
-    streams = _stream_masks(self, self.wiring, stages)
-    x = _run_stages(self, x, stages, streams, self.wiring, self.quantizer, train)
-    x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, in_group=f"stage{len(self.wiring.stream)}",
-                  quantizer=self.quantizer, name="head")(x)
+def check_cut(arch: str, model: nn.Module, cut: int) -> None:
+  """UserError naming the architecture and its valid cuts unless ``cut`` is one."""
+  if cut not in valid_cuts(model):
+    raise UserError(f"--cut={cut} is not a cut point of {arch}: use {describe_cuts(model)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +96,16 @@ class SplitModel:
     server: ``server.apply(vars, smashed, train) -> logits [N, K]``.
     cut: the cut point.
     client_keys, server_keys: ``((collection, (top-level names...)), ...)`` of each part.
+    smashed_group: the channel group of the smashed data (``None``: not prunable).
   """
 
   full: nn.Module
   client: nn.Module
   server: nn.Module
   cut: int
-  client_keys: tuple[tuple[str, tuple[str, ...]], ...]
-  server_keys: tuple[tuple[str, tuple[str, ...]], ...]
+  client_keys: Keys
+  server_keys: Keys
+  smashed_group: str | None = None
 
   def split(self, variables: dict) -> tuple[dict, dict]:
     """``(client_variables, server_variables)``: subtrees of the whole model's."""
@@ -135,8 +114,23 @@ class SplitModel:
     return take(self.client_keys), take(self.server_keys)
 
   def merge(self, client_vars: dict, server_vars: dict) -> dict:
-    """The whole model's variables; a mask both parts hold comes from the client."""
+    """The whole model's variables; the masks (both parts hold them) come from the client."""
     return {col: {**server_vars.get(col, {}), **client_vars.get(col, {})} for col in COLLECTIONS}
+
+  def client_layer(self, name: str) -> bool:
+    """Whether the layer at path ``name`` (``"stage1_block0/conv1"``) is on the client."""
+    return name.split("/")[0] in dict(self.client_keys)["params"]
+
+  def client_structure(self, structure: ModelStructure) -> ModelStructure:
+    """The client's part of the whole model's ``structure``: its layers, and the groups
+    they write, with readers and writers restricted to the client (for the cost model)."""
+    layers = tuple(l for l in structure.layers if self.client_layer(l.name))
+    names = {l.name for l in layers}
+    keep = lambda xs: tuple(x for x in xs if x in names)
+    groups = tuple(ChannelGroup(g.name, g.size, keep(g.writers), keep(g.readers),
+                                keep(g.depthwise))
+                   for g in structure.groups if keep(g.writers))
+    return ModelStructure(structure.input_shape, layers, groups)
 
 
 def _init_shapes(module: nn.Module, x: jax.ShapeDtypeStruct) -> dict:
@@ -144,60 +138,73 @@ def _init_shapes(module: nn.Module, x: jax.ShapeDtypeStruct) -> dict:
   return dict(jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x))
 
 
-def _keys(shapes: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
-  return tuple((col, tuple(sorted(shapes.get(col, {})))) for col in COLLECTIONS)
+@functools.lru_cache(maxsize=16)
+def _whole(full: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict, ModelStructure]:
+  """Abstract variables and structure of the whole model (cached: every cut needs them)."""
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  return _init_shapes(full, x), model_structure(full, input_shape)
 
 
-def resnet_wiring(full: CifarResNet, shapes: dict) -> ResNetWiring:
-  """The :class:`ResNetWiring` of ``full`` given its abstract variables ``shapes``."""
-  masks = shapes["masks"]
-  blocks = (full.depth - 2) // 6
-  stages = len(full.widths)
-  maps = full.shortcut_maps
-  if maps is not None:
-    maps = tuple(c.index for c in full.shortcut_couplings())
-  return ResNetWiring(
-      blocks=blocks, stream=tuple(masks[f"stage{s + 1}"].shape[0] for s in range(stages)),
-      mid=tuple(tuple(masks[f"stage{s + 1}_block{b}_mid"].shape[0] for b in range(blocks))
-                for s in range(stages)),
-      shortcut_maps=maps)
+def _keys(shapes: dict, masks: tuple[str, ...]) -> Keys:
+  """A part's top-level names per collection; every part holds all ``masks``."""
+  return tuple((col, masks if col == "masks" else tuple(sorted(shapes.get(col, {}))))
+               for col in COLLECTIONS)
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, int, int]:
+  """One example's shape for ``model``: its registered architecture's (``(32, 32, 3)``
+  for the CIFAR models, ``(224, 224, 3)`` for ResNet-18)."""
+  for spec in models.MODELS.values():
+    if getattr(spec.build, "func", spec.build) is type(model):
+      return spec.input_shape
+  return (32, 32, 3)
 
 
 def split_model(arch: str | nn.Module, cut: int, num_classes: int | None = None,
-                quantizer: Quantizer = FullPrecision()) -> SplitModel:
-  """Cuts a model after ``cut`` (see the module docstring).
+                quantizer: Quantizer = FullPrecision(),
+                input_shape: tuple[int, int, int] | None = None) -> SplitModel:
+  """Cuts a model after piece ``cut`` (see the module docstring for each architecture).
 
   Checks by abstract evaluation (no FLOPs) that the two parts' variables tile the
   whole model's exactly, with the same shapes.
 
   Args:
-    arch: a CIFAR ResNet name (``resnet8``, ``resnet20``, ``resnet32``, ...) or a
-      :class:`CifarResNet` module (e.g. a compacted one); then ``num_classes`` and
+    arch: a registered name (``resnet20``, ``vgg16``, ``mobilenetv2``, ``resnet18``,
+      ...) or a model module (e.g. a compacted one); then ``num_classes`` and
       ``quantizer`` are the module's own.
-    cut: ``0`` (after the stem) or ``1..3`` (after that stage).
+    cut: a valid cut of the architecture (:func:`valid_cuts`).
     num_classes: classes of the head (default: the architecture's).
     quantizer: the static quantizer of every layer.
+    input_shape: one example, ``(H, W, C)`` (default: the architecture's).
+
+  Raises:
+    UserError: ``cut`` is not a cut point of the architecture (the message lists them).
   """
   full = arch if isinstance(arch, nn.Module) else models.get_model(
       arch, num_classes=num_classes, quantizer=quantizer)
-  if not isinstance(full, CifarResNet):
-    supported = sorted(n for n, s in models.MODELS.items()
-                       if getattr(s.build, "func", None) is CifarResNet)
-    raise UserError(f"split training cuts CIFAR ResNets only, not {arch!r}: use one of "
-                    f"{', '.join(supported)}")
-  if cut not in RESNET_CUTS:
-    raise UserError(f"--cut={cut} is out of range for a CIFAR ResNet: use 0 (after the "
-                    f"stem) or 1..3 (after that stage)")
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  whole = _init_shapes(full, x)
-  wiring = resnet_wiring(full, whole)
-  client = ResNetClient(wiring, cut, full.quantizer)
-  server = ResNetServer(wiring, cut, full.num_classes, full.quantizer)
+  name = arch if isinstance(arch, str) else type(full).__name__
+  check_cut(name, full, cut)
+  pieces = full.pieces()
+  boundary = list(valid_cuts(full)).index(cut) + 1
+  input_shape = tuple(input_shape or default_input_shape(full))
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  whole, structure = _whole(full, input_shape)
+  client = full.clone(parent=None, span=(0, boundary))
+  server = full.clone(parent=None, span=(boundary, len(pieces)))
   cshapes = _init_shapes(client, x)
   h = jax.eval_shape(functools.partial(client.apply, train=False), cshapes, x)
   sshapes = _init_shapes(server, h)
+  overlap = set(cshapes["params"]) & set(sshapes["params"])
   merged = {col: {**sshapes.get(col, {}), **cshapes.get(col, {})} for col in COLLECTIONS}
-  if jax.tree.map(lambda a: a.shape, merged) != jax.tree.map(lambda a: a.shape, whole):
-    raise ValueError(f"the client and server parts of {type(full).__name__} no longer tile "
-                     f"the model: update picpq_jax/federated/split.py to match it")
-  return SplitModel(full, client, server, cut, _keys(cshapes), _keys(sshapes))
+  merged["masks"] = whole.get("masks", {})
+  if overlap or jax.tree.map(lambda a: a.shape, merged) != jax.tree.map(
+      lambda a: a.shape, {col: whole.get(col, {}) for col in COLLECTIONS}):
+    raise ValueError(f"the client and server parts of {name} at cut {cut} do not tile the "
+                     f"model (shared: {sorted(overlap)}): its span handling is out of date")
+  masks = tuple(sorted(whole.get("masks", {})))
+  split = SplitModel(full, client, server, cut, _keys(cshapes, masks), _keys(sshapes, masks))
+  last = [l for l in structure.layers if split.client_layer(l.name)][-1]
+  group = last.out_group
+  if group is not None and structure.group(group).size != h.shape[-1]:
+    group = None  # the smashed channels are not one group's (not the case in the library)
+  return dataclasses.replace(split, smashed_group=group)

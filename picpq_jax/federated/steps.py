@@ -107,6 +107,13 @@ def model_step(model: nn.Module, tx: optax.GradientTransformation, parts: dict[s
   return {"model": part}, batch_metrics(loss, logits, labels)
 
 
+def smashed_keep(split: SplitModel, consts: dict) -> Array | None:
+  """The mask of the smashed data's channel group (float32 ``[c]``): which channels are
+  sent. Both parts hold every mask, so either part's ``consts`` serve. ``None`` when
+  the smashed data is not a channel group (all of it is sent)."""
+  return None if split.smashed_group is None else consts["masks"][split.smashed_group]
+
+
 def client_forward(split: SplitModel, part: PartState, consts: dict,
                    images: Array) -> tuple[Array, Callable, PyTree]:
   """Client side to the cut: ``(smashed [B, h, w, c], vjp, new batch_stats)``.
@@ -128,7 +135,8 @@ def server_step(split: SplitModel, tx: optax.GradientTransformation, part: PartS
     bits: int32 scalar, bits of the gradient sent back (``>= 32``: float32).
 
   Returns:
-    ``(new server part, gradient of the smashed data as sent [B, h, w, c], metrics)``.
+    ``(new server part, gradient of the smashed data as sent [B, h, w, c], metrics)``;
+    the gradient of a pruned smashed channel is not sent (it is 0).
   """
   def loss_fn(params, h):
     logits, stats = _forward(split.server, params, part, consts, h)
@@ -137,7 +145,8 @@ def server_step(split: SplitModel, tx: optax.GradientTransformation, part: PartS
   (loss, (logits, stats)), (grads, g_smashed) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(part.params, smashed)
   part = apply_update(tx, part.replace(batch_stats=stats), grads, lr)
-  return part, quantize_message(g_smashed, bits), batch_metrics(loss, logits, labels)
+  return (part, quantize_message(g_smashed, bits, smashed_keep(split, consts)),
+          batch_metrics(loss, logits, labels))
 
 
 def client_update(tx: optax.GradientTransformation, part: PartState, vjp: Callable,
@@ -152,9 +161,10 @@ def split_step(split: SplitModel, tx: optax.GradientTransformation,
                lr: Array, bits: Array) -> tuple[dict[str, PartState], Metrics]:
   """One split-learning step of a client and its server copy (SplitFed-V1).
 
-  Client forward to the cut, quantize the smashed data to ``bits``, server forward,
-  backward and update, quantize the smashed data's gradient, client backward and
-  update. With ``bits >= 32`` the gradients equal those of the whole model.
+  Client forward to the cut, quantize the smashed data to ``bits`` (its kept channels),
+  server forward, backward and update, quantize the smashed data's gradient, client
+  backward and update. With ``bits >= 32`` the gradients equal those of the whole
+  model.
 
   Args:
     parts: ``{"client": PartState, "server": PartState}``.
@@ -167,7 +177,7 @@ def split_step(split: SplitModel, tx: optax.GradientTransformation,
   client = parts["client"]
   smashed, vjp, stats = client_forward(split, client, consts["client"], images)
   server, g_smashed, metrics = server_step(
-      split, tx, parts["server"], consts["server"], quantize_message(smashed, bits), labels,
-      lr, bits)
+      split, tx, parts["server"], consts["server"],
+      quantize_message(smashed, bits, smashed_keep(split, consts["client"])), labels, lr, bits)
   client = client_update(tx, client, vjp, stats, g_smashed, lr)
   return {"client": client, "server": server}, metrics

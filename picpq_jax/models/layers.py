@@ -12,6 +12,14 @@ normalization and activation that follow a conv (a BN shift would otherwise revi
 a pruned channel) and after a residual addition. :func:`channel_mask` creates the
 model-level ``masks`` entry of a group.
 
+Every model is a sequence of *pieces* (stem, stages or conv groups, head; its
+``pieces()`` names them) and takes an optional, static ``span`` field
+(:data:`Span`): ``(start, stop)`` runs only pieces ``start <= i < stop``, taking the
+output of piece ``start - 1`` as input, and creates only their variables (masks
+excepted: see each model). Split learning (:mod:`picpq_jax.federated.split`) cuts a
+model into ``span=(0, b)`` and ``span=(b, len(pieces))``; ``None`` runs them all.
+:func:`in_span` is the test each model applies.
+
 Every model takes an optional, static ``group_sizes`` field (:data:`GroupSizes`):
 ``((group, channels), ...)`` overrides the width of the named groups, so that
 :func:`picpq_jax.compress.compact` can build the smaller dense model that keeps
@@ -39,6 +47,9 @@ BN_EPSILON = 1e-5
 
 # Static per-group widths of a compacted model: ((group name, channels), ...).
 GroupSizes = tuple[tuple[str, int], ...] | None
+
+# Static range of a model's pieces to run: (start, stop); None runs the whole model.
+Span = tuple[int, int] | None
 
 # He-normal on fan-out, as torchvision initializes conv kernels.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -154,6 +165,11 @@ def channel_mask(module: nn.Module, group: str, size: int) -> Array:
   module's namespace with its submodules, so they must differ from them.
   """
   return module.variable("masks", group, lambda: jnp.ones((size,), jnp.float32)).value
+
+
+def in_span(span: Span, piece: int) -> bool:
+  """Whether piece number ``piece`` of a model runs under its ``span`` field."""
+  return span is None or span[0] <= piece < span[1]
 
 
 def group_width(group_sizes: GroupSizes, group: str, default: int) -> int:

@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
-                                     check_group_sizes, group_width)
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, Span, batch_norm, channel_mask,
+                                     check_group_sizes, group_width, in_span)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 
 Array = jax.Array
@@ -128,6 +128,8 @@ class MobileNetV2(nn.Module):
     group_sizes: static width overrides per channel group (a compacted model);
       ``None`` keeps the widths above. Which blocks add their input is decided on
       the widths above, never on the overrides.
+    span: run only these of :meth:`pieces` (split learning); the masks of the stem
+      and the stages are created whatever the span, ``last`` only with the head.
   """
 
   num_classes: int = 10
@@ -137,15 +139,17 @@ class MobileNetV2(nn.Module):
   last_features: int = 1280
   quantizer: Quantizer = FullPrecision()
   group_sizes: GroupSizes = None
+  span: Span = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     width = make_divisible(self.stem_features * self.width_mult)  # before group_sizes
     group = "stem"
     masks = {group: channel_mask(self, group, self._width(group, width))}
-    x = QConv(masks[group].shape[0], out_group=group, quantizer=self.quantizer,
-              name="stem_conv")(x)
-    x = nn.relu6(batch_norm(train, "stem_bn")(x)) * masks[group]
+    if in_span(self.span, 0):
+      x = QConv(masks[group].shape[0], out_group=group, quantizer=self.quantizer,
+                name="stem_conv")(x)
+      x = nn.relu6(batch_norm(train, "stem_bn")(x)) * masks[group]
     for s, (t, c, n, first_stride) in enumerate(self.cfg):
       features = make_divisible(c * self.width_mult)
       for b in range(n):
@@ -160,21 +164,30 @@ class MobileNetV2(nn.Module):
         if t != 1:
           masks[expand] = channel_mask(self, expand, self._width(expand, width * t))
         hidden_mask = masks[expand] if t != 1 else masks[in_group]
-        x = InvertedResidual(
-            masks[group].shape[0], stride, t, in_group=in_group, expand_group=expand,
-            out_group=group, quantizer=self.quantizer, hidden_features=hidden_mask.shape[0],
-            add_input=add_input, name=name)(x, hidden_mask, masks[group], train)
+        if in_span(self.span, s + 1):
+          x = InvertedResidual(
+              masks[group].shape[0], stride, t, in_group=in_group, expand_group=expand,
+              out_group=group, quantizer=self.quantizer, hidden_features=hidden_mask.shape[0],
+              add_input=add_input, name=name)(x, hidden_mask, masks[group], train)
         width = features
-    return self._classifier(x, group, train, masks)
+    check_group_sizes(self.group_sizes, [*masks, "last"])
+    if not in_span(self.span, len(self.cfg) + 1):
+      return x
+    return self._classifier(x, group, train)
+
+  def pieces(self) -> tuple[str, ...]:
+    """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`): the stem
+    (conv-BN-ReLU6), the inverted-residual blocks of each stage of ``cfg``, and the
+    head (``last_conv``, pool and dense)."""
+    return ("stem", *(f"stage{s + 1}" for s in range(len(self.cfg))), "head")
 
   def _width(self, group: str, default: int) -> int:
     """Channels of ``group``: ``group_sizes``' entry, else ``default``."""
     return group_width(self.group_sizes, group, default)
 
-  def _classifier(self, x: Array, in_group: str, train: bool, masks: dict) -> Array:
+  def _classifier(self, x: Array, in_group: str, train: bool) -> Array:
     """1x1 conv to ``last`` -> BN -> ReLU6 -> mask -> global average pool -> head."""
     features = self._width("last", make_divisible(self.last_features * max(1.0, self.width_mult)))
-    check_group_sizes(self.group_sizes, [*masks, "last"])
     x = QConv(features, kernel_size=(1, 1), in_group=in_group, out_group="last",
               quantizer=self.quantizer, name="last_conv")(x)
     x = nn.relu6(batch_norm(train, "last_bn")(x)) * channel_mask(self, "last", features)

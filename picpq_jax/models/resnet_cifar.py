@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
-                                     check_group_sizes, group_width)
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, Span, batch_norm, channel_mask,
+                                     check_group_sizes, group_width, in_span)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 
 Array = jax.Array
@@ -149,6 +149,8 @@ class CifarResNet(nn.Module):
     shortcut_maps: static index map of each stage's first shortcut, one per stage
       transition (``len(widths) - 1``); ``None`` is option A on the stage widths.
       See :meth:`shortcut_couplings`.
+    span: run only these of :meth:`pieces` (split learning); the stage masks are
+      created whatever the span, a block's ``_mid`` mask only where it runs.
   """
 
   depth: int = 56
@@ -157,6 +159,7 @@ class CifarResNet(nn.Module):
   quantizer: Quantizer = FullPrecision()
   group_sizes: GroupSizes = None
   shortcut_maps: tuple[tuple[int, ...], ...] | None = None
+  span: Span = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -168,22 +171,31 @@ class CifarResNet(nn.Module):
     maps = None if self.shortcut_maps is None else [c.index for c in self.shortcut_couplings()]
     stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
 
-    x = QConv(widths[0], out_group="stage1", quantizer=self.quantizer, name="stem_conv")(x)
-    x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
+    if in_span(self.span, 0):
+      x = QConv(widths[0], out_group="stage1", quantizer=self.quantizer, name="stem_conv")(x)
+      x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
     in_group = "stage1"
     for s, width in enumerate(widths):
       for b in range(blocks):
         name = f"stage{s + 1}_block{b}"
         mid = group_width(self.group_sizes, f"{name}_mid", self.widths[s])
-        x = BasicBlock(
-            width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
-            mid_group=f"{name}_mid", out_group=f"stage{s + 1}", quantizer=self.quantizer,
-            mid_features=mid,
-            shortcut_index=maps[s - 1] if (maps and s > 0 and b == 0) else None,
-            name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
+        if in_span(self.span, s + 1):
+          x = BasicBlock(
+              width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
+              mid_group=f"{name}_mid", out_group=f"stage{s + 1}", quantizer=self.quantizer,
+              mid_features=mid,
+              shortcut_index=maps[s - 1] if (maps and s > 0 and b == 0) else None,
+              name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
         in_group = f"stage{s + 1}"
+    if not in_span(self.span, len(widths) + 1):
+      return x
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer, name="head")(x)
+
+  def pieces(self) -> tuple[str, ...]:
+    """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`): the stem
+    (conv-BN-ReLU), each stage's blocks, and the head (global average pool and dense)."""
+    return ("stem", *(f"stage{s + 1}" for s in range(len(self.widths))), "head")
 
   def group_names(self) -> tuple[str, ...]:
     """Names of the channel groups (the ``masks`` entries)."""

@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
-                                     check_group_sizes, group_width)
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, Span, batch_norm, channel_mask,
+                                     check_group_sizes, group_width, in_span)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 from picpq_jax.models.resnet_cifar import BasicBlock
 
@@ -46,6 +46,8 @@ class ImageNetResNet(nn.Module):
     quantizer: static quantizer of every conv and dense layer.
     group_sizes: static width overrides per channel group (a compacted model);
       ``None`` keeps ``widths``.
+    span: run only these of :meth:`pieces` (split learning); the stage masks are
+      created whatever the span, a block's ``_mid`` mask only where it runs.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -53,6 +55,7 @@ class ImageNetResNet(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512)
   quantizer: Quantizer = FullPrecision()
   group_sizes: GroupSizes = None
+  span: Span = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -62,23 +65,32 @@ class ImageNetResNet(nn.Module):
     check_group_sizes(self.group_sizes, self.group_names())
     widths = [group_width(self.group_sizes, f"stage{s + 1}", w) for s, w in enumerate(self.widths)]
     stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
-    x = QConv(widths[0], kernel_size=(7, 7), strides=(2, 2), out_group="stage1",
-              quantizer=self.quantizer, name="stem_conv")(x)
-    x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if in_span(self.span, 0):
+      x = QConv(widths[0], kernel_size=(7, 7), strides=(2, 2), out_group="stage1",
+                quantizer=self.quantizer, name="stem_conv")(x)
+      x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_group = "stage1"
     for s, (width, blocks) in enumerate(zip(widths, self.stage_sizes)):
       for b in range(blocks):
         name = f"stage{s + 1}_block{b}"
         mid = group_width(self.group_sizes, f"{name}_mid", self.widths[s])
-        x = BasicBlock(
-            width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
-            mid_group=f"{name}_mid", out_group=f"stage{s + 1}", shortcut="B",
-            quantizer=self.quantizer, mid_features=mid,
-            name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
+        if in_span(self.span, s + 1):
+          x = BasicBlock(
+              width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
+              mid_group=f"{name}_mid", out_group=f"stage{s + 1}", shortcut="B",
+              quantizer=self.quantizer, mid_features=mid,
+              name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
         in_group = f"stage{s + 1}"
+    if not in_span(self.span, len(widths) + 1):
+      return x
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer, name="head")(x)
+
+  def pieces(self) -> tuple[str, ...]:
+    """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`): the stem
+    (conv-BN-ReLU and max-pool), each stage's blocks, and the head (pool and dense)."""
+    return ("stem", *(f"stage{s + 1}" for s in range(len(self.widths))), "head")
 
   def group_names(self) -> tuple[str, ...]:
     """Names of the channel groups (the ``masks`` entries)."""

@@ -23,8 +23,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from picpq_jax.models.layers import (GroupSizes, QConv, QDense, batch_norm, channel_mask,
-                                     check_group_sizes, group_width)
+from picpq_jax.models.layers import (GroupSizes, QConv, QDense, Span, batch_norm, channel_mask,
+                                     check_group_sizes, group_width, in_span)
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 
 Array = jax.Array
@@ -59,6 +59,8 @@ class CifarVGG(nn.Module):
     quantizer: static quantizer of every conv and dense layer.
     group_sizes: static width overrides of the ``conv{i}`` groups (a compacted
       model); ``None`` keeps ``cfg``.
+    span: run only these of :meth:`pieces` (split learning); a ``conv{i}`` mask
+      is created only where its conv runs.
   """
 
   cfg: Sequence[int | str] = VGG16_CFG
@@ -66,25 +68,41 @@ class CifarVGG(nn.Module):
   num_classes: int = 10
   quantizer: Quantizer = FullPrecision()
   group_sizes: GroupSizes = None
+  span: Span = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     convs = sum(1 for v in self.cfg if v != "M")
     check_group_sizes(self.group_sizes, [f"conv{i + 1}" for i in range(convs)])
     group = None
-    convs = 0
+    convs = piece = 0
     for v in self.cfg:
       if v == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if in_span(self.span, piece):
+          x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        piece += 1
         continue
       convs += 1
       name = f"conv{convs}"
       width = group_width(self.group_sizes, name, v)
-      x = ConvBNReLU(width, in_group=group, out_group=name, quantizer=self.quantizer,
-                     name=f"layer{convs}")(x, channel_mask(self, name, width), train)
+      if in_span(self.span, piece):
+        x = ConvBNReLU(width, in_group=group, out_group=name, quantizer=self.quantizer,
+                       name=f"layer{convs}")(x, channel_mask(self, name, width), train)
       group = name
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if in_span(self.span, piece):
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if not in_span(self.span, piece + 1):
+      return x
     x = x.reshape(x.shape[0], -1)
     x = QDense(self.hidden, in_group=group, quantizer=self.quantizer, name="linear1")(x)
     x = nn.relu(batch_norm(train, "norm1")(x))
     return QDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+
+  def pieces(self) -> tuple[str, ...]:
+    """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`):
+    ``group{k}``, the convs before the ``k``-th pool and that pool (a 2x2 max-pool at
+    each ``'M'``, the final 2x2 average pool after the last group), then the head
+    (flatten and classifier). VGG-16: ``group1`` = conv1-2, ``group2`` = conv3-4,
+    ``group3`` = conv5-7, ``group4`` = conv8-10, ``group5`` = conv11-13."""
+    groups = sum(1 for v in self.cfg if v == "M") + 1
+    return (*(f"group{k + 1}" for k in range(groups)), "head")

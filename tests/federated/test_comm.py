@@ -59,3 +59,22 @@ def test_quantize_message_full_precision_and_straight_through():
   np.testing.assert_allclose(np.asarray(g), np.arange(50.0), rtol=1e-5)
   const = jnp.full((5,), 2.5)
   assert np.array_equal(np.asarray(quantize_message(const, jnp.int32(4))), np.asarray(const))
+
+
+def test_quantize_message_sends_only_the_kept_channels():
+  """Range over the kept channels only, pruned channels 0, against a numpy transcription."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 4, 4, 5)).astype(np.float32)
+  x[..., 1] = 50.0  # a pruned channel outside the kept range must not widen it
+  keep = np.array([1, 0, 1, 1, 0], np.float32)
+  q = np.asarray(quantize_message(jnp.asarray(x), jnp.int32(3), jnp.asarray(keep)))
+  kept = x[..., keep > 0]
+  lo, hi = kept.min(), kept.max()
+  levels = np.round((kept - lo) / (hi - lo) * 7) / 7 * (hi - lo) + lo
+  np.testing.assert_allclose(q[..., keep > 0], levels, rtol=1e-5, atol=1e-6)
+  assert not q[..., keep == 0].any()
+  full = np.asarray(quantize_message(jnp.asarray(x), jnp.int32(32), jnp.asarray(keep)))
+  np.testing.assert_array_equal(full, x * keep)
+  ones = jnp.ones((5,), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(quantize_message(jnp.asarray(x), jnp.int32(4), ones)),
+                                np.asarray(quantize_message(jnp.asarray(x), jnp.int32(4))))

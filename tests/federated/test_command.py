@@ -28,6 +28,11 @@ def test_federated_subcommand_parses_the_issue_example():
   assert config.method_list == ("splitfed", "sequential", "fedavg", "centralized")
   assert config.run_name("splitfed") == "splitfed-8bit" and config.run_name("fedavg") == "fedavg"
   assert callable(args.run)
+  args = _parser().parse_args("federated --arch vgg16 --cut 5 --methods splitfed "
+                              "--client-from runs/c".split())
+  config = config_from_args(FederatedConfig, args)
+  assert (config.arch, config.cut, config.client_from, config.init_from) == (
+      "vgg16", 5, "runs/c", "")
 
 
 @pytest.mark.parametrize("flag,message", [
