@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
   compress.set_defaults(run=_cmd_compress)
   from picpq_jax.federated.command import register as register_federated
   register_federated(commands)
+  from picpq_jax.finetune.command import register as register_finetune
+  register_finetune(commands)
   listing = commands.add_parser("models", help="list the architectures with params and MACs")
   listing.set_defaults(run=_cmd_models)
   return parser

