@@ -1,0 +1,79 @@
+"""Workload 5: masked against compacted inference, the real speed-up of pruning.
+
+A model is pruned to ``--compact-target`` of its FLOPs (L1-norm importance, the
+library's global pruner with the reference safeguards), then
+:func:`picpq_jax.compress.compact` slices the kept channels out into a smaller
+dense model. Masks zero channels but leave every convolution its full width, so
+only the compacted model runs fewer FLOPs. Timed: jitted inference of both (and,
+for ResNets with PyTorch present, the eager full model against the physically
+pruned twin). The JSON records both models' MACs and the largest logit difference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import common, setups
+from experiments.bench.step_time import measure_round_robin
+from picpq_jax.compress import compact, cost_model, criteria, pic
+from picpq_jax.compress.compact import kept_channels
+from picpq_jax.compress.prune import prune_to_budget
+from picpq_jax.models import model_structure
+
+
+def pruned_variables(variables, structure, target: float) -> dict:
+  """``variables`` with masks from L1-norm importance pruned to ``target`` of the FLOPs."""
+  fp = criteria.l1_norm(variables["params"], structure)
+  n = len(pic.prunable_layers(structure))
+  importance = pic.pic_importance(fp, jnp.ones(n), jnp.zeros(n), structure)
+  masks = prune_to_budget(importance, structure, target).masks
+  return {**variables, "masks": masks}
+
+
+def run(cfg) -> dict:
+  """Inference times of the masked and compacted ``cfg.compact_model``."""
+  load_start = common.loadavg()
+  arch = cfg.compact_model
+  model, variables, structure = setups.jax_model(arch)
+  masked = pruned_variables(variables, structure, cfg.compact_target)
+  small, small_vars = compact(model, masked, structure)
+  small_structure = model_structure(small, structure.input_shape)
+  macs = {"masked": int(structure.macs),
+          "masked_effective": float(cost_model.cost(structure, masked["masks"]).macs),
+          "compacted": int(small_structure.macs)}
+  infer_full, infer_small = setups.jax_infer(model), setups.jax_infer(small)
+  torch_ok = cfg.use_torch and arch.startswith("resnet")
+  if torch_ok:
+    import torch
+    from experiments.bench import torch_models
+    full_t = setups.torch_model(arch, variables)
+    small_t = torch_models.prune_resnet(full_t, structure, kept_channels(masked["masks"]))
+    t_full, t_small = setups.torch_infer(full_t, False), setups.torch_infer(small_t, False)
+  rows, diffs = [], []
+  for batch in cfg.batches:
+    x = jnp.asarray(setups.random_batch(batch)[0])
+    diffs.append(float(jnp.max(jnp.abs(infer_full(masked, x) - infer_small(small_vars, x)))))
+    fns = {"jax.masked": lambda x=x: jax.block_until_ready(infer_full(masked, x)),
+           "jax.compacted": lambda x=x: jax.block_until_ready(infer_small(small_vars, x))}
+    if torch_ok:
+      xt = setups.torch_nchw(np.asarray(x))
+      fns["torch.eager.full"] = lambda xt=xt: t_full(xt)
+      fns["torch.eager.pruned"] = lambda xt=xt: t_small(xt)
+    stats = measure_round_robin(fns, warmup=max(cfg.warmup, 1), reps=cfg.reps)
+    for name, s in stats.items():
+      rows.append({"model": arch, "batch": batch, "variant": name, **s})
+      print(f"compact {arch} b{batch:<4d} {name:18s} median {s['median_s']:.4f} s", flush=True)
+  by = {(r["batch"], r["variant"]): r["median_s"] for r in rows}
+  lines = [[r["batch"], r["variant"], common.fmt_s(r["median_s"]),
+            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
+            f"{by[(r['batch'], r['variant'].replace('compacted', 'masked').replace('pruned', 'full'))] / r['median_s']:.2f}x"]
+           for r in rows]
+  common.print_table(
+      f"Masked vs compacted {arch} inference (kept {macs['compacted'] / macs['masked']:.0%} "
+      f"of the MACs)", ["batch", "variant", "median s", "min-max", "speed-up vs unpruned"], lines)
+  settings = {"model": arch, "target": cfg.compact_target, "batches": cfg.batches,
+              "reps": cfg.reps, "warmup": cfg.warmup}
+  return common.result("compacted", settings, rows, load_start, macs=macs,
+                       max_logit_diff=max(diffs))

@@ -1,0 +1,202 @@
+"""Workload 4: evolution throughput, candidate evaluations per second of the
+``(a, b)`` search's fitness (prune to the budget, ``tau_hat`` masked SGD steps
+from the pretrained weights, validation loss).
+
+* ``jax.population/<strategy>``: the library's one-program evaluation of ``K``
+  candidates, ``jax.jit(evolution.population_loss)`` with strategy ``map``,
+  ``unroll`` or ``vmap``. Each timed call scores fresh genes (a new generation);
+  the number of XLA compilations during the timed calls is counted (it must be 0).
+* ``jax.loop``: a Python loop over the candidates of jitted pieces (masks, one
+  train step, one eval step), the fastest plain-JAX way.
+* ``torch.reference``: the reference's way in PyTorch: per candidate deep-copy the
+  full model, build the physically pruned one, fine-tune it ``tau_hat`` steps with
+  ``SGD(nesterov)``, validate. Its masks come from the same pruning (computed by
+  the jitted JAX function, outside the per-candidate PyTorch work but inside the
+  timing), and it is fed the same augmented images, precomputed (a small advantage:
+  augmentation is inside the JAX programs).
+
+Every variant scores the same candidates on the same batches, so the JSON records
+the largest loss difference between them (PyTorch's differs by float rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import common, setups
+from picpq_jax import data as pdata
+from picpq_jax.compress import criteria, evolution, search
+from picpq_jax.train import create_train_state, eval_step, sgd_nesterov, train_step
+
+_MEAN = np.asarray(pdata.CIFAR10_MEAN, np.float32)
+_STD = np.asarray(pdata.CIFAR10_STD, np.float32)
+
+
+def _preprocess_train(key, images):
+  return pdata.normalize(pdata.augment(key, images), _MEAN, _STD)
+
+
+def _preprocess_eval(images):
+  return pdata.normalize(images, _MEAN, _STD)
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active (``with CompileCounter() as c``)."""
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def _loop_losses(spec, variables, fp, data, key, a, b) -> np.ndarray:
+  """Fitness of each candidate by a Python loop of jitted pieces (cached per spec)."""
+  masks_fn, step, evaluate = _loop_pieces(spec)
+  keys = jax.random.split(key, data.train_images.shape[0])
+  losses = []
+  for i in range(a.shape[0]):
+    state = create_train_state({**variables, "masks": masks_fn(fp, a[i], b[i])}, spec.tx)
+    for t in range(data.train_images.shape[0]):
+      state = step(state, keys[t], data.train_images[t], data.train_labels[t])
+    total = count = 0.0
+    for v in range(data.val_images.shape[0]):
+      out = evaluate(state.variables, data.val_images[v], data.val_labels[v],
+                     data.val_weights[v])
+      total += out["loss_sum"]
+      count += out["count"]
+    losses.append(total / jnp.maximum(count, 1.0))
+  return np.asarray(jnp.stack(losses))
+
+
+@functools.lru_cache(maxsize=4)
+def _loop_pieces(spec):
+  masks_fn = jax.jit(functools.partial(evolution.candidate_masks, spec))
+
+  def one_step(state, key, images, labels):
+    return train_step(state, spec.preprocess_train(key, images), labels, model=spec.model,
+                      tx=spec.tx)[0]
+
+  def one_eval(variables, images, labels, weights):
+    return eval_step(variables, spec.preprocess_eval(images), labels, weights, model=spec.model)
+
+  return masks_fn, jax.jit(one_step), jax.jit(one_eval)
+
+
+def _torch_losses(spec, module, variables, fp, data, key, a, b) -> np.ndarray:
+  """Fitness of each candidate the reference's way (see the module docstring)."""
+  import torch
+  import torch.nn.functional as F
+  from experiments.bench import torch_models
+  from picpq_jax.compress.compact import kept_channels
+  masks_fn = _loop_pieces(spec)[0]
+  keys = jax.random.split(key, data.train_images.shape[0])
+  train_x = [setups.torch_nchw(np.asarray(spec.preprocess_train(keys[t], data.train_images[t])))
+             for t in range(len(keys))]
+  train_y = [torch.from_numpy(np.asarray(y, np.int64)) for y in data.train_labels]
+  val = [(setups.torch_nchw(np.asarray(spec.preprocess_eval(x))),
+          torch.from_numpy(np.asarray(y, np.int64)), torch.from_numpy(np.array(w)))
+         for x, y, w in zip(data.val_images, data.val_labels, data.val_weights)]
+  losses = []
+  for i in range(a.shape[0]):
+    kept = kept_channels(jax.device_get(masks_fn(fp, a[i], b[i])))
+    pruned = torch_models.prune_resnet(module, spec.structure, kept)
+    step = setups.torch_train(pruned, compiled=False)
+    for x, y in zip(train_x, train_y):
+      step(x, y)
+    pruned.eval()
+    total = count = 0.0
+    with torch.inference_mode():
+      for x, y, w in val:
+        total += float((F.cross_entropy(pruned(x), y, reduction="none") * w).sum())
+        count += float(w.sum())
+    losses.append(total / max(count, 1.0))
+  return np.asarray(losses)
+
+
+def run(cfg) -> dict:
+  """Candidate throughput of each variant on ``cfg.evo_model``."""
+  load_start = common.loadavg()
+  arch = cfg.evo_model
+  model, variables, structure = setups.jax_model(arch)
+  ds = pdata.load_embedded()
+  train, val = pdata.train_val_split(ds, max(cfg.evo_val_size, 8), seed=0)
+  config = search.SearchConfig(population=cfg.evo_children, sample=1, generations=1,
+                               children=cfg.evo_children, tau_hat=cfg.evo_tau_hat,
+                               search_batch_size=cfg.evo_batch, search_val_size=cfg.evo_val_size)
+  data = search.stage_search_data(train, val, config, seed=0, generation=0)
+  fp = criteria.l1_norm(variables["params"], structure)
+  spec_for = lambda strategy: evolution.FitnessSpec(
+      model=model, structure=structure, tx=sgd_nesterov(setups.LR), target=cfg.evo_target,
+      preprocess_train=_preprocess_train, preprocess_eval=_preprocess_eval, strategy=strategy)
+  k = cfg.evo_children
+
+  def genes(gen: int):
+    return evolution.initial_population(jax.random.key(100 + gen), fp, structure, k)
+
+  variants = {}
+  for strategy in cfg.evo_strategies:
+    evaluate = jax.jit(functools.partial(evolution.population_loss, spec_for(strategy)))
+    variants[f"jax.population/{strategy}"] = (
+        lambda key, a, b, f=evaluate: np.asarray(f(variables, fp, data, key, a, b)))
+  loop_spec = spec_for("map")
+  variants["jax.loop"] = lambda key, a, b: _loop_losses(loop_spec, variables, fp, data, key, a, b)
+  if cfg.use_torch:
+    module = setups.torch_model(arch, variables)
+    variants["torch.reference"] = (
+        lambda key, a, b: _torch_losses(loop_spec, module, variables, fp, data, key, a, b))
+
+  rows, losses = [], {}
+  for name, fn in variants.items():
+    warm_s = []
+    for w in range(max(cfg.warmup, 1)):  # the first call compiles
+      a, b = genes(-1 - w)
+      start = time.perf_counter()
+      fn(jax.random.key(7), a, b)
+      warm_s.append(time.perf_counter() - start)
+    times = []
+    with CompileCounter() as compiles:
+      for rep in range(cfg.reps):
+        a, b = genes(rep)
+        start = time.perf_counter()
+        out = fn(jax.random.key(rep), a, b)
+        times.append(time.perf_counter() - start)
+        losses.setdefault(name, []).append(out)
+    s = common.summarize(times)
+    rows.append({"model": arch, "variant": name, "candidates": k, "tau_hat": cfg.evo_tau_hat,
+                 "batch": cfg.evo_batch, "val_images": cfg.evo_val_size, **s,
+                 "first_call_s": warm_s[0], "compiles_during_timed_calls": compiles.count,
+                 "candidates_per_s": k / s["median_s"]})
+    print(f"evolution {arch} {name:26s} median {s['median_s']:.2f} s "
+          f"({k / s['median_s']:.3f} cand/s, first call {warm_s[0]:.1f} s, "
+          f"{compiles.count} compiles)", flush=True)
+  ref = np.concatenate(losses["jax.loop"])
+  agreement = {name: float(np.max(np.abs(np.concatenate(v) - ref))) for name, v in losses.items()}
+  loop_rate = next(r["candidates_per_s"] for r in rows if r["variant"] == "jax.loop")
+  lines = [[r["variant"], common.fmt_s(r["median_s"]),
+            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
+            f"{r['candidates_per_s']:.3f}", f"{r['candidates_per_s'] / loop_rate:.2f}",
+            common.fmt_s(r["first_call_s"]), r["compiles_during_timed_calls"]] for r in rows]
+  common.print_table(
+      f"Evolution fitness of {arch}: {k} candidates, tau_hat={cfg.evo_tau_hat}, batch "
+      f"{cfg.evo_batch}, {cfg.evo_val_size} validation images",
+      ["variant", "median s", "min-max", "cand/s", "vs loop", "first call s", "compiles"], lines)
+  print(f"max |loss - jax.loop loss|: {agreement}")
+  settings = {"model": arch, "candidates": k, "tau_hat": cfg.evo_tau_hat, "batch": cfg.evo_batch,
+              "val_images": cfg.evo_val_size, "target": cfg.evo_target,
+              "strategies": cfg.evo_strategies, "reps": cfg.reps, "warmup": cfg.warmup}
+  return common.result("evolution", settings, rows, load_start,
+                       max_loss_diff_vs_loop=agreement)
