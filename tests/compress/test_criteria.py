@@ -300,3 +300,46 @@ def test_filter_property_dispatch(resnet8):
   kernel = np.asarray(variables["params"]["stage3_block0"]["conv2"]["kernel"])
   np.testing.assert_allclose(np.asarray(l2["stage3_block0/conv2"]),
                              np.sqrt((kernel ** 2).sum(axis=(0, 1, 2))), rtol=1e-5)
+
+
+# ------------------------------------------------------------ bidiagonal ranks
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (16, 16), (8, 8), (8, 5), (4, 7), (1, 1)])
+def test_bidiagonal_rank_matches_numpy(hw):
+  rng = np.random.default_rng(hw[0] * 10 + hw[1])
+  # well and badly conditioned maps in one batch: one compilation per size
+  parts = [_known_rank_maps(rng, hw, conditioned) for conditioned in (True, False)]
+  maps = np.concatenate([m for m, _ in parts], axis=-1)
+  want = _numpy_ranks(maps)[0]
+  np.testing.assert_array_equal(want, np.concatenate([r for _, r in parts]))
+  got = jax.jit(functools.partial(criteria.feature_map_rank, method="bidiagonal"))(maps)
+  assert got.dtype == jnp.float32 and got.shape == (maps.shape[-1],)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_bidiagonal_rank_of_relu_maps_in_chunks(monkeypatch):
+  # post-ReLU maps with zero and repeated rows/columns, enough of them for several chunks
+  rng = np.random.default_rng(7)
+  maps = np.maximum(rng.normal(size=(40, 16, 16, 9)), 0).astype(np.float32)
+  maps[:, :, :5, :3] = maps[:, :, :1, :3]  # 4 repeated columns
+  maps[:, 10:, :, 3:6] = 0.0  # 6 zero rows
+  maps[:, :, :, 6] *= 1e-30  # tiny but nonzero
+  maps[:5, :, :, 7] = 0.0  # all-zero maps
+  monkeypatch.setattr(criteria, "_CHUNK_BYTES", 16 * 16 * 4 * 64)  # 64 maps per chunk
+  got = criteria._layer_ranks_bidiagonal({"x": jnp.asarray(maps)})["x"]
+  np.testing.assert_array_equal(np.asarray(got), _numpy_ranks(maps))
+
+
+def test_bidiagonal_rank_property_equals_numpy_and_svd(resnet8):
+  model, variables, structure = resnet8
+  rng = np.random.default_rng(3)
+  # 8x8 images: maps of 8x8, 4x4 and 2x2 (the sizes only change the compile time)
+  batches = [rng.normal(size=(2, 8, 8, 3)).astype(np.float32) for _ in range(2)]
+  fp = criteria.filter_property_rank(model, variables, batches, structure, method="bidiagonal")
+  refs = [_reference_maps(model, variables, x) for x in batches]
+  for name in fp:
+    ranks = np.concatenate([_numpy_ranks(r[name]) for r in refs])
+    np.testing.assert_allclose(np.asarray(fp[name]), ranks.mean(axis=0), rtol=1e-6, err_msg=name)
+  with pytest.raises(UserError, match="rank method"):
+    criteria.filter_property("rank", model, variables, batches, structure, method="qr")
