@@ -1,7 +1,7 @@
 """CPU-scale PIC-PQ on CIFAR-10, from the committed ResNet-20 baseline.
 
-Not run to completion yet (see experiments/compress/README.md). Command (from
-the repo root):
+Results and findings: experiments/compress/README.md. Command (from the repo
+root):
 
     .venv/bin/python -m experiments.compress.cifar10 --name pic-evolved
 
@@ -30,8 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: bool,
-               allocation: str = "global", uniform_bits: int = 4) -> CompressConfig:
-  """A CPU-sized budget: a small evolution, 3 + 3 epochs of fine-tuning."""
+               allocation: str = "global", uniform_bits: int = 4, ft_epochs: int = 3,
+               qat_epochs: int = 3) -> CompressConfig:
+  """A CPU-sized budget: a small evolution, 3 + 3 epochs of fine-tuning by default."""
   if quick:
     return CompressConfig(checkpoint=str(BASELINE), data="embedded",
                           workdir=f"runs/compress/{name}-quick", population=2, sample=1,
@@ -40,9 +41,10 @@ def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: 
                           resume=resume, allocation=allocation, uniform_bits=uniform_bits)
   return CompressConfig(checkpoint=str(BASELINE), data=str(SHARED_ZIP),
                         workdir=f"runs/compress/{name}", target=0.45, population=8, sample=4,
-                        generations=8, tau_hat=20, search_val_size=1000, ft_epochs=3,
-                        qat_epochs=3, evolution=evolution, criterion=criterion, resume=resume,
-                        strategy="unroll", allocation=allocation, uniform_bits=uniform_bits)
+                        generations=8, tau_hat=20, search_val_size=1000,
+                        ft_epochs=ft_epochs, qat_epochs=qat_epochs, evolution=evolution,
+                        criterion=criterion, resume=resume, strategy="unroll",
+                        allocation=allocation, uniform_bits=uniform_bits)
 
 
 def main(argv=None) -> int:
@@ -52,11 +54,13 @@ def main(argv=None) -> int:
   parser.add_argument("--criterion", default="rank")
   parser.add_argument("--allocation", default="global", choices=("global", "uniform"))
   parser.add_argument("--uniform-bits", type=int, default=4)
+  parser.add_argument("--ft-epochs", type=int, default=3)
+  parser.add_argument("--qat-epochs", type=int, default=3)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--resume", action="store_true")
   args = parser.parse_args(argv)
   config = get_config(args.name, args.evolution, args.criterion, args.quick, args.resume,
-                      args.allocation, args.uniform_bits)
+                      args.allocation, args.uniform_bits, args.ft_epochs, args.qat_epochs)
   start = time.time()
   report = run_compress(config)
   if not args.quick:
