@@ -7,10 +7,12 @@ compressed model is a trained one:
 
 * ``uncompressed``: the baseline ResNet-20 (``--init-from
   experiments/baselines/checkpoints/resnet20``), 32-bit, unpruned;
-* ``picpq``: the PIC-PQ model of a ``picpq compress`` workdir (``--client-from``: the
-  plan's masks and bit-widths, its DoReFa quantizer and its newest weights), so the
-  client runs the pruned, low-bit front;
-* ``picpq-8bit``: the same with 8-bit smashed data and gradients.
+* ``picpq-<weights>``: the PIC-PQ model of a ``picpq compress`` workdir
+  (``--client-from``: the plan's masks and bit-widths, its DoReFa quantizer) starting
+  from its ``finetune/`` (pruned, full-precision fine-tuned) or ``qat/``
+  (quantization-aware fine-tuned) weights (``--client-weights``), so the client runs
+  the pruned, low-bit front;
+* ``picpq-<weights>-8bit``: the same with 8-bit smashed data and gradients.
 
 Command (from the repo root)::
 
@@ -25,9 +27,11 @@ rerunning resumes them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -46,11 +50,13 @@ BASELINE = ROOT / "experiments" / "baselines" / "checkpoints" / "resnet20"
 COMPRESSED = ROOT / "runs" / "compress" / "pic-evolved"
 
 
-def get_config(name: str, compressed: str, weights: str, rounds: int,
-               local_steps: int) -> FederatedConfig:
-  """One run: ResNet-20, 8 IID clients, cut 1, SplitFed-V1, fine-tuning learning rate."""
-  start = ({"client_from": compressed, "client_weights": weights} if name.startswith("picpq")
-           else {"init_from": str(BASELINE)})
+def get_config(name: str, compressed: str, rounds: int, local_steps: int) -> FederatedConfig:
+  """One run: ResNet-20, 8 IID clients, cut 1, SplitFed-V1, fine-tuning learning rate.
+
+  ``name`` is ``uncompressed``, ``picpq-<weights>`` or ``picpq-<weights>-8bit``.
+  """
+  start = ({"client_from": compressed, "client_weights": name.split("-")[1]}
+           if name.startswith("picpq") else {"init_from": str(BASELINE)})
   return FederatedConfig(
       arch="resnet20", data=str(SHARED_ZIP), val_size=5000, seed=0, clients=8,
       partition="iid", cut=1, methods="splitfed", rounds=rounds, local_steps=local_steps,
@@ -72,13 +78,47 @@ def start_accuracy(config: FederatedConfig, val: pdata.ImageDataset) -> float:
                           np.asarray(norm["std"], np.float32))["accuracy"]
 
 
+def _notes(record: dict) -> str:
+  """What the numbers say, written from them."""
+  runs = record["runs"]
+  compressed = [n for n in runs if n.startswith("picpq")]
+  if not compressed:
+    return ""
+  e = runs[compressed[0]]["edge"]
+  h, w, c = e["smashed_shape"]
+  sent = e["smashed_channels_sent"]
+  notes = [
+      f"The PIC-PQ client costs {e['client_full']['flops'] / e['client']['flops']:.2f}x fewer "
+      f"FLOPs, {e['client_full']['params'] / e['client']['params']:.2f}x fewer parameters and "
+      f"{e['client_full']['bops'] / e['client']['bops']:.2f}x fewer BOPs per image than the "
+      f"uncompressed client, and its model exchange carries "
+      f"{e['client_model_bytes_full'] / e['client_model_bytes']:.2f}x fewer bytes (kept "
+      f"entries only)."]
+  if sent == c:
+    notes.append(
+        f"The plan keeps all {c} channels of the stream that is the smashed data at this cut "
+        f"(it prunes the blocks' inner channels), so the smashed data is not smaller; "
+        f"8-bit messages cut it 4x.")
+  else:
+    notes.append(f"The smashed data carries {sent} of its {c} channels ({c / sent:.2f}x fewer "
+                 f"bytes per message).")
+  if any("finetune" in n for n in compressed):
+    acc = runs[next(n for n in compressed if "finetune" in n)]["start_accuracy"]
+    notes.append(
+        f"A `finetune/` start is the pruned model fine-tuned in full precision: fake-quantized "
+        f"at the plan's bits with the BatchNorm running statistics of the "
+        f"full-precision layers, it starts at {acc:.4f} (chance level) and split training has "
+        f"to re-learn the quantized model; a `qat/` start is where `picpq compress` left it.")
+  return "\n\n".join(notes)
+
+
 def _markdown(record: dict) -> str:
   runs = record["runs"]
   rows = []
   for name, r in runs.items():
     e, s = r["edge"], r["summary"]
     rows.append(
-        f"| {name} | {r['weights']} | {r['start_accuracy']:.4f} | "
+        f"| {name} | {r['weights']} | {r['smashed_bits']} | {r['start_accuracy']:.4f} | "
         f"{s['final_val_accuracy']:.4f} | {e['client']['flops'] / 1e6:.2f} | "
         f"{e['client']['params'] / 1e3:.1f} | {e['client']['bops'] / 1e9:.3f} | "
         f"{e['smashed_channels_sent']} | {s['up_bytes'] / 1e6:,.1f} | "
@@ -86,13 +126,15 @@ def _markdown(record: dict) -> str:
         f"{s['train_time_s']:.0f} |")
   names = list(runs)
   rounds = max(len(runs[n]["summary"]["curve"]) for n in names)
-  curve = [f"| 0 (start) | " + " | ".join(f"{runs[n]['start_accuracy']:.4f}" for n in names) + " |"]
+  curve = ["| 0 (start) | " + " | ".join(f"{runs[n]['start_accuracy']:.4f}" for n in names) + " |"]
   curve += [f"| {i + 1} | " + " | ".join(
       f"{runs[n]['summary']['curve'][i]['val_accuracy']:.4f}"
       if i < len(runs[n]["summary"]["curve"]) else "-" for n in names) + " |"
             for i in range(rounds)]
   c = record["setup"]
-  picpq = runs.get("picpq") or next(iter(runs.values()))
+  cc = c["compress_config"]
+  first = next((n for n in names if n.startswith("picpq") and runs[n]["smashed_bits"] == 32),
+               names[-1])
   table = lambda rs: "\n".join(["| " + " | ".join(rs[0]) + " |", "|" + "---|" * len(rs[0])]
                                + ["| " + " | ".join(r) + " |" for r in rs[1:]])
   return f"""# SplitFed with a PIC-PQ-compressed client (CIFAR-10, CPU scale)
@@ -101,34 +143,35 @@ Command: `{record['command']}` (commit {record['commit']}, jax {record['jax']}) 
 {record['devices']} simulated on a shared {record['cpus']}-core CPU (other jobs were
 running; times are indicative only). Training and evaluation of the runs took
 {record['rounds_time_s'] / 60:.1f} min (sum of round wall times); this invocation ran
-{record['wall_time_s'] / 60:.1f} min.
+{record['wall_time_s'] / 60:.1f} min (finished runs are read back, not repeated).
 
-Setup: ResNet-20 cut after stage 1 (client: stem and stage 1, smashed data 32x32x16 per
-image), SplitFed-V1 over 8 IID clients on the shared CIFAR-10 (`train.zip`, seeded split
-into {c['num_train']:,} training and {c['num_val']:,} validation images, the split the
-baseline was trained with), {c['rounds']} rounds x {c['local_steps']} local steps of batch
-32 per client (each round sees {8 * 32 * c['local_steps']:,} images), SGD-Nesterov 0.9,
-lr 0.01 cosine, weight decay 5e-4, client momentum restarted each round.
+Setup: ResNet-20 cut after stage 1 (client: stem and stage 1, 7 of the 19 convs; smashed
+data 32x32x16 per image), SplitFed-V1 over 8 IID clients on the shared CIFAR-10
+(`train.zip`, seeded split into {c['num_train']:,} training and {c['num_val']:,}
+validation images, the split the baseline was trained with), {c['rounds']} rounds x
+{c['local_steps']} local steps of batch 32 per client (each round sees
+{8 * 32 * c['local_steps']:,} images), SGD-Nesterov 0.9, lr 0.01 cosine, weight decay
+5e-4, client momentum restarted each round.
 
 - `uncompressed`: starts from the baseline checkpoint `{c['baseline']}`; full width, 32 bits.
-- `picpq`, `picpq-8bit`: start from the PIC-PQ workdir `{c['compressed']}`
-  ({picpq['weights']}): its plan's masks and bit-widths, DoReFa fake quantization.
-  The whole model is the compressed one (its server part too); the client part is what
-  the edge device runs.
+- `picpq-*`: `--client-from {c['compressed']}`, the PIC-PQ model of the background
+  compression experiment (evolved genes, {cc['target']:.0%} of the {cc['metric']} kept,
+  max bits `{cc['max_bits']}`, penalty {cc['penalty']:.3f}): its plan's masks and
+  bit-widths with {cc['quantizer']} fake quantization, starting from its
+  `finetune/` or `qat/` weights (`--client-weights`). The whole model is the compressed
+  one (its server part too); the client part is what the edge device runs.
 
-| run | starting weights | start acc | final acc | client MFLOPs | client kparams | client GBOPs | smashed channels sent | MB up | MB down | MB total | train s |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| run | starting weights | smashed bits | start acc | final acc | client MFLOPs | client kparams | client GBOPs | smashed channels sent | MB up | MB down | MB total | train s |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Client cost per image (cost model: FLOPs = MACs; BOPs = MACs x weight bits x activation
-bits) and traffic of the `picpq-8bit` client against the uncompressed one:
+Client cost per image (cost model: FLOPs = MACs; parameters = kernel entries; BOPs =
+MACs x weight bits x activation bits) and traffic of the `{first}` client against the
+uncompressed one:
 
-{table(edge_rows(runs[names[-1]]['edge'], {'batch_size': 32, 'smashed_bits': runs[names[-1]]['smashed_bits']}))}
+{table(edge_rows(runs[first]['edge'], {'batch_size': 32, 'smashed_bits': runs[first]['smashed_bits']}))}
 
-The plan prunes only the blocks' inner channels of stage 1 (the stage-1 stream, which is
-the smashed data at this cut, keeps all 16 channels), so the smashed data is not smaller;
-its saving comes from 8-bit messages. The client's FLOPs, parameters and BOPs fall by the
-factors above; its model exchange each round carries only the kept entries.
+{_notes(record)}
 
 Validation accuracy ({c['num_val']:,} images) per round:
 
@@ -168,17 +211,15 @@ def main(argv=None) -> int:
   parser.add_argument("--local-steps", type=int, default=10)
   parser.add_argument("--compressed", default=str(COMPRESSED),
                       help="the picpq compress workdir of a ResNet-20")
-  parser.add_argument("--weights", default="newest",
-                      help="--client-weights of the compressed runs: newest, qat, finetune "
-                      "or checkpoint")
-  parser.add_argument("--runs", default="uncompressed,picpq,picpq-8bit")
+  parser.add_argument("--runs", default="uncompressed,picpq-finetune,picpq-finetune-8bit,"
+                      "picpq-qat,picpq-qat-8bit")
   args = parser.parse_args(argv)
   t0 = time.time()
   dataset = pdata.load_dataset(str(SHARED_ZIP), split="train")
   _, val = pdata.train_val_split(dataset, 5000, 0)
   runs, results = {}, None
   for name in args.runs.split(","):
-    config = get_config(name, args.compressed, args.weights, args.rounds, args.local_steps)
+    config = get_config(name, args.compressed, args.rounds, args.local_steps)
     results = run_federated(config)
     summary = next(iter(results["runs"].values()))
     runs[name] = {"summary": summary, "edge": results["edge"], "start": results["start"],
@@ -194,6 +235,8 @@ def main(argv=None) -> int:
                 "rounds": args.rounds, "local_steps": args.local_steps,
                 "baseline": str(BASELINE.relative_to(ROOT)),
                 "compressed": os.path.relpath(args.compressed, ROOT),
+                "compress_config": json.loads(
+                    (Path(args.compressed) / "config.json").read_text()),
                 "config": results["config"]},
       "runs": runs,
   }

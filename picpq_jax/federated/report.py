@@ -143,15 +143,15 @@ def edge_rows(edge: dict[str, Any], config: dict[str, Any]) -> list[list[str]]:
   b, bits = config["batch_size"], config["smashed_bits"]
   full_msg = message_bytes((b * edge["smashed_values_full"],), "float32", bits)
   msg = message_bytes((b * edge["smashed_values"],), "float32", bits)
-  rows = [["client part", "unpruned, 32-bit", "this run", "reduction"]]
+  rows = [["client part", "uncompressed (unpruned, 32-bit)", "this run", "reduction"]]
   for key, label in (("flops", "FLOPs (MACs)"), ("params", "params"), ("bops", "BOPs")):
     full, now = edge["client_full"][key], edge["client"][key]
     rows.append([label, f"{full:,.0f}", f"{now:,.0f}", f"{full / now:.2f}x" if now else "-"])
   h, w, c = edge["smashed_shape"]
   rows.append(["smashed channels sent", f"{c} ({h}x{w}x{c})",
                str(edge["smashed_channels_sent"]), f"{c / edge['smashed_channels_sent']:.2f}x"])
-  rows.append([f"smashed bytes per step (batch {b}, {bits} bits)", f"{full_msg:,}", f"{msg:,}",
-               f"{full_msg / msg:.2f}x"])
+  rows.append([f"smashed bytes per step (batch {b}, messages at {bits} bits)", f"{full_msg:,}",
+               f"{msg:,}", f"{full_msg / msg:.2f}x"])
   full_model, model = edge["client_model_bytes_full"], edge["client_model_bytes"]
   rows.append(["client model bytes per exchange", f"{full_model:,}", f"{model:,}",
                f"{full_model / model:.2f}x"])
