@@ -7,12 +7,15 @@ other names select performance switches of the train step. Each has
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from picpq_jax.train import steps
 
 VARIANTS: dict[str, Callable] = {
     "jax.jit": steps.train_step,
+    # conv inputs stored once (x @ I) instead of recomputed inside the backward transposes
+    "jax.jit+materialized": functools.partial(steps.train_step, conv_inputs="materialized"),
 }
 
 
