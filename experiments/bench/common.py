@@ -167,11 +167,16 @@ def fmt_s(seconds: float | None) -> str:
   return f"{seconds:.3g}"
 
 
-def print_table(title: str, header: list[str], lines: list[list[Any]]) -> str:
-  """Prints (and returns) a markdown table."""
-  text = [f"\n## {title}\n", "| " + " | ".join(header) + " |",
+def markdown_table(title: str, header: list[str], lines: list[list[Any]]) -> str:
+  """A titled markdown table (title as a level-3 heading)."""
+  text = [f"### {title}\n", "| " + " | ".join(header) + " |",
           "| " + " | ".join("---" for _ in header) + " |"]
   text += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
-  out = "\n".join(text)
-  print(out, flush=True)
-  return out
+  return "\n".join(text) + "\n"
+
+
+def run_note(res: dict[str, Any]) -> str:
+  """One line under a table: date, command, load average at start and end."""
+  env = res["environment"]
+  return (f"{env['date']}, `{env['command']}`, {env['cpu_model']} ({env['cpu_count']} CPUs), "
+          f"load average {res['loadavg_start'][0]} -> {res['loadavg_end'][0]}\n")

@@ -65,15 +65,25 @@ def run(cfg) -> dict:
     for name, s in stats.items():
       rows.append({"model": arch, "batch": batch, "variant": name, **s})
       print(f"compact {arch} b{batch:<4d} {name:18s} median {s['median_s']:.4f} s", flush=True)
-  by = {(r["batch"], r["variant"]): r["median_s"] for r in rows}
-  lines = [[r["batch"], r["variant"], common.fmt_s(r["median_s"]),
-            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
-            f"{by[(r['batch'], r['variant'].replace('compacted', 'masked').replace('pruned', 'full'))] / r['median_s']:.2f}x"]
-           for r in rows]
-  common.print_table(
-      f"Masked vs compacted {arch} inference (kept {macs['compacted'] / macs['masked']:.0%} "
-      f"of the MACs)", ["batch", "variant", "median s", "min-max", "speed-up vs unpruned"], lines)
   settings = {"model": arch, "target": cfg.compact_target, "batches": cfg.batches,
               "reps": cfg.reps, "warmup": cfg.warmup}
-  return common.result("compacted", settings, rows, load_start, macs=macs,
-                       max_logit_diff=max(diffs))
+  res = common.result("compacted", settings, rows, load_start, macs=macs,
+                      max_logit_diff=max(diffs))
+  print(table(res), flush=True)
+  return res
+
+
+def table(res: dict) -> str:
+  """Markdown table of a masked-vs-compacted result (speed-up over the unpruned run of
+  the same framework and batch)."""
+  rows, macs = res["rows"], res["macs"]
+  by = {(r["batch"], r["variant"]): r["median_s"] for r in rows}
+  full = lambda v: v.replace("compacted", "masked").replace("pruned", "full")
+  lines = [[r["batch"], r["variant"], common.fmt_s(r["median_s"]),
+            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
+            f"{by[(r['batch'], full(r['variant']))] / r['median_s']:.2f}x"] for r in rows]
+  return common.markdown_table(
+      f"Masked vs compacted {res['config']['model']} inference (pruned to "
+      f"{macs['compacted'] / macs['masked']:.0%} of the MACs; max logit difference "
+      f"{res['max_logit_diff']:.1e})",
+      ["batch", "variant", "median s", "min-max", "speed-up vs unpruned"], lines)

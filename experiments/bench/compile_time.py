@@ -101,13 +101,16 @@ def run(cfg) -> dict:
              **common.summarize([r["total_s"] for r in runs]), "runs": runs}
       rows.append(row)
       print(f"compile {arch:9s} {framework:13s} median {row['median_s']:.2f} s", flush=True)
-  _table(rows)
   config = {"models": cfg.compile_models, "batch": cfg.compile_batch, "reps": cfg.compile_reps,
             "torch_compile_backend": cfg.torch_compile_backend}
-  return common.result("compile_time", config, rows, load_start)
+  res = common.result("compile_time", config, rows, load_start)
+  print(table(res), flush=True)
+  return res
 
 
-def _table(rows: list[dict]) -> None:
+def table(res: dict) -> str:
+  """Markdown table of a compile-time result."""
+  rows = res["rows"]
   by = {(r["model"], r["framework"]): r for r in rows}
   lines = []
   for arch in dict.fromkeys(r["model"] for r in rows):
@@ -118,9 +121,10 @@ def _table(rows: list[dict]) -> None:
                   common.fmt_s(tc and tc["median_s"]),
                   f"{common.fmt_s(tc['min_s'])}-{common.fmt_s(tc['max_s'])}" if tc else "-",
                   ratio])
-  common.print_table("Compile time of a train step (s, fresh process, cold cache)",
-                     ["model", "JAX lower+compile", "min-max", "torch.compile", "min-max",
-                      "torch / JAX"], lines)
+  return common.markdown_table(
+      f"Compile time of a train step, batch {res['config']['batch']} (s, fresh process, cold "
+      f"cache, {res['config']['reps']} runs)",
+      ["model", "JAX lower+compile", "min-max", "torch.compile", "min-max", "torch / JAX"], lines)
 
 
 def _main() -> None:

@@ -185,18 +185,26 @@ def run(cfg) -> dict:
           f"{compiles.count} compiles)", flush=True)
   ref = np.concatenate(losses["jax.loop"])
   agreement = {name: float(np.max(np.abs(np.concatenate(v) - ref))) for name, v in losses.items()}
+  settings = {"model": arch, "candidates": k, "tau_hat": cfg.evo_tau_hat, "batch": cfg.evo_batch,
+              "val_images": cfg.evo_val_size, "target": cfg.evo_target,
+              "strategies": cfg.evo_strategies, "reps": cfg.reps, "warmup": cfg.warmup}
+  res = common.result("evolution", settings, rows, load_start, max_loss_diff_vs_loop=agreement)
+  print(table(res), flush=True)
+  return res
+
+
+def table(res: dict) -> str:
+  """Markdown table of an evolution result (throughput relative to ``jax.loop``)."""
+  rows, c = res["rows"], res["config"]
   loop_rate = next(r["candidates_per_s"] for r in rows if r["variant"] == "jax.loop")
   lines = [[r["variant"], common.fmt_s(r["median_s"]),
             f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
             f"{r['candidates_per_s']:.3f}", f"{r['candidates_per_s'] / loop_rate:.2f}",
-            common.fmt_s(r["first_call_s"]), r["compiles_during_timed_calls"]] for r in rows]
-  common.print_table(
-      f"Evolution fitness of {arch}: {k} candidates, tau_hat={cfg.evo_tau_hat}, batch "
-      f"{cfg.evo_batch}, {cfg.evo_val_size} validation images",
-      ["variant", "median s", "min-max", "cand/s", "vs loop", "first call s", "compiles"], lines)
-  print(f"max |loss - jax.loop loss|: {agreement}")
-  settings = {"model": arch, "candidates": k, "tau_hat": cfg.evo_tau_hat, "batch": cfg.evo_batch,
-              "val_images": cfg.evo_val_size, "target": cfg.evo_target,
-              "strategies": cfg.evo_strategies, "reps": cfg.reps, "warmup": cfg.warmup}
-  return common.result("evolution", settings, rows, load_start,
-                       max_loss_diff_vs_loop=agreement)
+            common.fmt_s(r["first_call_s"]), r["compiles_during_timed_calls"],
+            f"{res['max_loss_diff_vs_loop'][r['variant']]:.1e}"] for r in rows]
+  return common.markdown_table(
+      f"Evolution fitness of {c['model']}: {c['candidates']} candidates per call, "
+      f"tau_hat={c['tau_hat']}, batch {c['batch']}, {c['val_images']} validation images, "
+      f"{c['reps']} timed calls with fresh genes",
+      ["variant", "median s", "min-max", "candidates/s", "vs jax.loop", "first call s",
+       "compiles in timed calls", "max loss diff vs loop"], lines)

@@ -130,17 +130,27 @@ def run(cfg) -> dict:
   reference = "ours.svd"
   agreement = {f"{reference}_vs_{k}": _agreement(results[reference], results[k])
                for k in results if k != reference}
+  config = {"model": arch, "batches": cfg.hrank_batches, "batch_size": cfg.hrank_batch_size,
+            "image_size": cfg.hrank_image_size,
+            "reps": cfg.reps, "loop_reps": cfg.loop_reps, "warmup": cfg.warmup}
+  res = common.result("hrank", config, rows, load_start, agreement=agreement)
+  print(table(res), flush=True)
+  return res
+
+
+def table(res: dict) -> str:
+  """Markdown table of an HRank result; the last column is each method's time over
+  ``ours.bidiagonal``'s, followed by the rank agreement line."""
+  rows, c = res["rows"], res["config"]
   base = {r["method"]: r["median_s"] for r in rows}["ours.bidiagonal"]
   lines = [[r["method"], common.fmt_s(r["median_s"]),
             f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}", r["reps"],
             common.fmt_s(r["first_call_s"]), f"{r['us_per_map']:.2f}",
             f"{r['median_s'] / base:.1f}x"] for r in rows]
-  common.print_table(
-      f"HRank property of {arch}, {cfg.hrank_batches} batches of {cfg.hrank_batch_size} "
-      f"{cfg.hrank_image_size}x{cfg.hrank_image_size} images ({maps:,} maps)", ["method", "median s", "min-max", "reps", "first call s", "us/map",
-                           "time / ours.bidiagonal"], lines)
-  print(f"agreement: {agreement}")
-  config = {"model": arch, "batches": cfg.hrank_batches, "batch_size": cfg.hrank_batch_size,
-            "image_size": cfg.hrank_image_size,
-            "reps": cfg.reps, "loop_reps": cfg.loop_reps, "warmup": cfg.warmup}
-  return common.result("hrank", config, rows, load_start, agreement=agreement)
+  agree = ", ".join(f"{k.replace('_vs_', ' vs ')}: {100 * v['fraction_equal']:.2f}% of channels equal"
+                    for k, v in res["agreement"].items())
+  return common.markdown_table(
+      f"HRank property of {c['model']}, {c['batches']} batches of {c['batch_size']} "
+      f"{c['image_size']}x{c['image_size']} images ({rows[0]['maps']:,} maps)",
+      ["method", "median s", "min-max", "reps", "first call s", "us/map",
+       "time / ours.bidiagonal"], lines) + f"\nAgreement of the mean ranks: {agree}.\n"

@@ -96,18 +96,30 @@ def run(cfg) -> dict:
         print(f"{arch:9s} b{batch:<4d} {kind:5s} {framework:22s} median {s['median_s']:.4f} s "
               f"({gflops:.1f} GFLOP/s)", flush=True)
       del fns
-  _table(rows, peak)
   config = {"models": cfg.step_models, "batches": cfg.batches, "warmup": cfg.warmup,
             "reps": cfg.reps, "jax_variants": cfg.jax_variants,
             "torch_compile": cfg.torch_compile,
             "torch_compile_backend": cfg.torch_compile_backend}
-  return common.result("step_time", config, rows, load_start, matmul_peak=peak)
+  res = common.result("step_time", config, rows, load_start, matmul_peak=peak)
+  print(table(res), flush=True)
+  return res
 
 
-def _table(rows: list[dict], peak: dict) -> None:
-  lines = [[r["model"], r["batch"], r["kind"], r["framework"], common.fmt_s(r["median_s"]),
-            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
-            f"{r['gflops_per_s']:.1f}", f"{100 * r['fraction_of_peak']:.0f}%"] for r in rows]
-  common.print_table(
-      f"Steady step time (s); fp32 matmul peak {peak['peak_gflops']:.0f} GFLOP/s",
-      ["model", "batch", "kind", "framework", "median", "min-max", "GFLOP/s", "of peak"], lines)
+def table(res: dict) -> str:
+  """Markdown table of a step-time result; the last column is the time relative to
+  PyTorch eager on the same model, batch and kind."""
+  rows, peak = res["rows"], res["matmul_peak"]
+  eager = {(r["model"], r["batch"], r["kind"]): r["median_s"] for r in rows
+           if r["framework"] == "torch.eager"}
+  lines = []
+  for r in rows:
+    ref = eager.get((r["model"], r["batch"], r["kind"]))
+    lines.append([r["model"], r["batch"], r["kind"], r["framework"], common.fmt_s(r["median_s"]),
+                  f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
+                  f"{r['gflops_per_s']:.1f}", f"{100 * r['fraction_of_peak']:.0f}%",
+                  f"{r['median_s'] / ref:.2f}" if ref else "-"])
+  return common.markdown_table(
+      f"Steady step time (s, median of {res['config']['reps']}); fp32 matmul peak "
+      f"{peak['peak_gflops']:.0f} GFLOP/s ({peak['size']}^3)",
+      ["model", "batch", "kind", "framework", "median", "min-max", "GFLOP/s", "of peak",
+       "time / torch.eager"], lines)

@@ -1,0 +1,37 @@
+"""Markdown tables of saved benchmark results: ``python -m experiments.bench.report
+[folder ...]`` (default ``experiments/bench/results``) prints, for every JSON in each
+folder, its table and a line with the date, command and load average. RESULTS.md
+quotes this output, so its numbers are never typed by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from experiments.bench import common
+
+ORDER = ("compile_time", "step_time", "hrank", "evolution", "compacted")
+
+
+def render(path: Path) -> str:
+  """The table and run note of one result file."""
+  from experiments.bench import compacted, compile_time, evolution, hrank, step_time
+  tables = {"compile_time": compile_time.table, "step_time": step_time.table,
+            "hrank": hrank.table, "evolution": evolution.table, "compacted": compacted.table}
+  res = json.loads(path.read_text())
+  return tables[res["workload"]](res) + "\n" + common.run_note(res)
+
+
+def main(argv: list[str] | None = None) -> None:
+  folders = [Path(a) for a in (sys.argv[1:] if argv is None else argv)] or [
+      Path("experiments/bench/results")]
+  for folder in folders:
+    files = sorted(folder.glob("*.json"),
+                   key=lambda p: ORDER.index(p.stem) if p.stem in ORDER else len(ORDER))
+    for path in files:
+      print(render(path))
+
+
+if __name__ == "__main__":
+  main()
