@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STEADY_CALLS = 3
 
 
-def _child_jax(arch: str, batch: int) -> dict:
+def _child_jax(arch: str, batch: int, variant: str) -> dict:
   import jax
   jax.config.update("jax_enable_compilation_cache", False)
-  from experiments.bench import setups
+  from experiments.bench import setups, variants
   model, variables, _ = setups.jax_model(arch)
-  step, state = setups.jax_train(model, variables)
+  step, state = setups.jax_train(model, variables, variants.train_step_fn(variant))
   x, y = (jax.numpy.asarray(a) for a in setups.random_batch(batch))
   t0 = time.perf_counter()
   lowered = step.lower(state, x, y)
@@ -71,14 +71,16 @@ def _child_torch(arch: str, batch: int, backend: str) -> dict:
 
 
 def _run_child(framework: str, arch: str, batch: int, backend: str, timeout: float) -> dict:
+  """One measurement in a fresh process; ``framework`` is ``torch`` or a JAX variant name."""
   env = dict(os.environ)
   with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
     env["TORCHINDUCTOR_CACHE_DIR"] = cache
     env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench.compile_time", "--child", framework,
-         "--arch", arch, "--batch", str(batch), "--backend", backend],
+        [sys.executable, "-m", "experiments.bench.compile_time", "--child",
+         "torch" if framework == "torch" else "jax", "--variant", framework, "--arch", arch,
+         "--batch", str(batch), "--backend", backend],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if proc.returncode:
     raise RuntimeError(f"compile-time child {framework}/{arch} failed:\n{proc.stderr[-3000:]}")
@@ -90,11 +92,11 @@ def run(cfg) -> dict:
   processes per framework). Rows: ``{"model", "framework", "batch", median/min/max
   of total_s, "runs": [child results]}``."""
   load_start = common.loadavg()
-  frameworks = ["jax"] + (["torch.compile"] if cfg.use_torch else [])
+  frameworks = ["jax.jit", *cfg.jax_variants] + (["torch.compile"] if cfg.use_torch else [])
   rows = []
   for arch in cfg.compile_models:
     for framework in frameworks:
-      runs = [_run_child("jax" if framework == "jax" else "torch", arch, cfg.compile_batch,
+      runs = [_run_child("torch" if framework == "torch.compile" else framework, arch, cfg.compile_batch,
                          cfg.torch_compile_backend, cfg.child_timeout)
               for _ in range(cfg.compile_reps)]
       row = {"model": arch, "framework": framework, "batch": cfg.compile_batch,
@@ -102,6 +104,7 @@ def run(cfg) -> dict:
       rows.append(row)
       print(f"compile {arch:9s} {framework:13s} median {row['median_s']:.2f} s", flush=True)
   config = {"models": cfg.compile_models, "batch": cfg.compile_batch, "reps": cfg.compile_reps,
+            "jax_variants": cfg.jax_variants,
             "torch_compile_backend": cfg.torch_compile_backend}
   res = common.result("compile_time", config, rows, load_start)
   print(table(res), flush=True)
@@ -109,22 +112,18 @@ def run(cfg) -> dict:
 
 
 def table(res: dict) -> str:
-  """Markdown table of a compile-time result."""
+  """Markdown table of a compile-time result: one row per model and framework (JAX
+  variants included), with ``torch.compile``'s time over each row's."""
   rows = res["rows"]
-  by = {(r["model"], r["framework"]): r for r in rows}
-  lines = []
-  for arch in dict.fromkeys(r["model"] for r in rows):
-    jx, tc = by.get((arch, "jax")), by.get((arch, "torch.compile"))
-    ratio = f"{tc['median_s'] / jx['median_s']:.1f}x" if tc else "-"
-    lines.append([arch, common.fmt_s(jx["median_s"]),
-                  f"{common.fmt_s(jx['min_s'])}-{common.fmt_s(jx['max_s'])}",
-                  common.fmt_s(tc and tc["median_s"]),
-                  f"{common.fmt_s(tc['min_s'])}-{common.fmt_s(tc['max_s'])}" if tc else "-",
-                  ratio])
+  torch_s = {r["model"]: r["median_s"] for r in rows if r["framework"] == "torch.compile"}
+  lines = [[r["model"], r["framework"], common.fmt_s(r["median_s"]),
+            f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
+            f"{torch_s[r['model']] / r['median_s']:.1f}x" if r["model"] in torch_s else "-"]
+           for r in rows]
   return common.markdown_table(
       f"Compile time of a train step, batch {res['config']['batch']} (s, fresh process, cold "
-      f"cache, {res['config']['reps']} runs)",
-      ["model", "JAX lower+compile", "min-max", "torch.compile", "min-max", "torch / JAX"], lines)
+      f"cache, {res['config']['reps']} runs; JAX: lower + compile)",
+      ["model", "framework", "median s", "min-max", "torch.compile / this"], lines)
 
 
 def _main() -> None:
@@ -133,9 +132,10 @@ def _main() -> None:
   parser.add_argument("--arch", required=True)
   parser.add_argument("--batch", type=int, required=True)
   parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+  parser.add_argument("--variant", default="jax.jit", help="JAX train-step variant")
   args = parser.parse_args()
   if args.child == "jax":
-    out = _child_jax(args.arch, args.batch)
+    out = _child_jax(args.arch, args.batch, args.variant)
   else:
     out = _child_torch(args.arch, args.batch, args.backend)
   print(json.dumps(out), flush=True)

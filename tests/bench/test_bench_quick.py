@@ -107,7 +107,7 @@ def test_quick_suite_writes_every_workload(tmp_path):
       _check_timing(row)
 
   frameworks = {r["framework"] for r in results["compile"]["rows"]}
-  assert frameworks == ({"jax", "torch.compile"} if TORCH else {"jax"})
+  assert frameworks == ({"jax.jit", "torch.compile"} if TORCH else {"jax.jit"})
   for row in results["compile"]["rows"]:
     assert all(run["total_s"] > 0 for run in row["runs"])
 
