@@ -54,6 +54,55 @@ Span = tuple[int, int] | None
 # He-normal on fan-out, as torchvision initializes conv kernels.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# Output maps of at most this many pixels are convolved as one matmul over shifted
+# taps (:func:`conv2d`): XLA:CPU's convolution is pathologically slow on them, e.g. a
+# 3x3, 512 -> 512 conv on 128 maps of 2x2 took 2.1 s forward and 3.6 s with gradients
+# against 19 and 50 ms as a matmul (experiments/bench/RESULTS.md, VGG-16's last block).
+TINY_MAP_PIXELS = 4
+
+
+def conv_taps_matmul(x: Array, kernel: Array, padding: Any) -> Array:
+  """Stride-1 dense convolution as one matmul over the kernel's shifted taps.
+
+  Args:
+    x: ``[N, H, W, C_in]``.
+    kernel: ``[kh, kw, C_in, C_out]`` (HWIO).
+    padding: ``((top, bottom), (left, right))``.
+
+  Returns:
+    ``[N, H', W', C_out]`` with ``H' = H + top + bottom - kh + 1`` (likewise ``W'``),
+    equal to ``lax.conv_general_dilated`` with the same padding. The input is
+    gathered into ``[N, H', W', kh * kw * C_in]`` (tap-major, as the kernel's HWIO
+    layout flattens), so memory grows ``kh * kw`` times: meant for tiny maps.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  (top, bottom), (left, right) = padding
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  h_out, w_out = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  taps = jnp.concatenate([xp[:, i:i + h_out, j:j + w_out, :]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.dot(taps, kernel.reshape(kh * kw * c_in, c_out))
+
+
+def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
+           feature_group_count: int = 1) -> Array:
+  """NHWC/HWIO convolution ``[N, H, W, C_in] -> [N, H', W', C_out]``.
+
+  ``lax.conv_general_dilated``, except that a dense stride-1 convolution with
+  explicit padding whose output has at most :data:`TINY_MAP_PIXELS` pixels runs as
+  :func:`conv_taps_matmul` (same result to float rounding, much faster on XLA:CPU).
+  """
+  explicit = not isinstance(padding, str)
+  if explicit and tuple(strides) == (1, 1) and feature_group_count == 1:
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    h_out = x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1
+    w_out = x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1
+    if h_out * w_out <= TINY_MAP_PIXELS:
+      return conv_taps_matmul(x, kernel, padding)
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=feature_group_count)
+
 
 def _quantize_operands(module: nn.Module, x: Array, kernel: Array) -> tuple[Array, Array]:
   """Quantizes a layer's input and kernel with its quantizer and ``quant`` bit-widths.
@@ -116,11 +165,8 @@ class QConv(nn.Module):
     padding = self.padding
     if padding is None:
       padding = [(k // 2, k // 2) for k in self.kernel_size]
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=self.strides, padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
+               self.feature_group_count)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y
