@@ -31,7 +31,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: bool,
                allocation: str = "global", uniform_bits: int = 4, ft_epochs: int = 3,
-               qat_epochs: int = 3) -> CompressConfig:
+               qat_epochs: int = 3, target: float = 0.45, generations: int = 8
+               ) -> CompressConfig:
   """A CPU-sized budget: a small evolution, 3 + 3 epochs of fine-tuning by default."""
   if quick:
     return CompressConfig(checkpoint=str(BASELINE), data="embedded",
@@ -40,8 +41,8 @@ def get_config(name: str, evolution: bool, criterion: str, quick: bool, resume: 
                           qat_epochs=1, fp_batches=1, evolution=evolution, criterion=criterion,
                           resume=resume, allocation=allocation, uniform_bits=uniform_bits)
   return CompressConfig(checkpoint=str(BASELINE), data=str(SHARED_ZIP),
-                        workdir=f"runs/compress/{name}", target=0.45, population=8, sample=4,
-                        generations=8, tau_hat=20, search_val_size=1000,
+                        workdir=f"runs/compress/{name}", target=target, population=8, sample=4,
+                        generations=generations, tau_hat=20, search_val_size=1000,
                         ft_epochs=ft_epochs, qat_epochs=qat_epochs, evolution=evolution,
                         criterion=criterion, resume=resume, strategy="unroll",
                         allocation=allocation, uniform_bits=uniform_bits)
@@ -56,11 +57,14 @@ def main(argv=None) -> int:
   parser.add_argument("--uniform-bits", type=int, default=4)
   parser.add_argument("--ft-epochs", type=int, default=3)
   parser.add_argument("--qat-epochs", type=int, default=3)
+  parser.add_argument("--target", type=float, default=0.45, help="fraction of the FLOPs kept")
+  parser.add_argument("--generations", type=int, default=8)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--resume", action="store_true")
   args = parser.parse_args(argv)
   config = get_config(args.name, args.evolution, args.criterion, args.quick, args.resume,
-                      args.allocation, args.uniform_bits, args.ft_epochs, args.qat_epochs)
+                      args.allocation, args.uniform_bits, args.ft_epochs, args.qat_epochs,
+                      args.target, args.generations)
   start = time.time()
   report = run_compress(config)
   if not args.quick:
