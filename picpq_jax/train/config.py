@@ -10,6 +10,8 @@ from picpq_jax.options import check, option
 SCHEDULES = ("multistep", "cosine", "constant")
 # = picpq_jax.data.AUGMENTATIONS (not imported here: picpq_jax.data loads jax).
 AUGMENTATIONS = ("cifar", "imagenet")
+# Ways the train step computes conv inputs (picpq_jax.train.steps.train_step).
+CONV_INPUTS = ("fused", "materialized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class TrainConfig:
   resume: bool = option(False, "continue from the newest checkpoint in workdir")
   cache_dir: str | None = option(None, "cache of decoded images (default $PICPQ_CACHE or ~/.cache/picpq_jax)")
   progress: bool = option(True, "show a progress bar")
+  conv_inputs: str = option("fused", "train-step performance switch, same numerics: fused (XLA's default) or materialized (each conv input stored once instead of recomputed in the backward pass; a ResNet-56 step on a 2-core CPU ran 2.3x faster, see experiments/bench/RESULTS.md)")
 
   def __post_init__(self):
     check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")
@@ -52,6 +55,7 @@ class TrainConfig:
     check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
     check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
     check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+    check(self.conv_inputs in CONV_INPUTS, "conv_inputs", self.conv_inputs, " or ".join(CONV_INPUTS))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

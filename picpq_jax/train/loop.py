@@ -191,7 +191,8 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
   mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
   batched, device_augment = pdata.augmentation(config.augment, train)  # imagenet: on the host
   train_step = jit_train_step(
-      model, tx, lambda key, x: pdata.normalize(device_augment(key, x), mean_j, std_j))
+      model, tx, lambda key, x: pdata.normalize(device_augment(key, x), mean_j, std_j),
+      conv_inputs=config.conv_inputs)
   eval_step = jit_eval_step(model, lambda x: pdata.normalize(x, mean_j, std_j))
   batches: Iterator[dict] = pdata.iterate_batches(batched, config.batch_size, config.seed,
                                                   start_step=start_step)

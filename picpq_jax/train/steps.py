@@ -32,11 +32,11 @@ import optax
 
 from picpq_jax.errors import UserError
 from picpq_jax.models.layers import QConv
+from picpq_jax.train.config import CONV_INPUTS
 
 Array = jax.Array
 PyTree = Any
 
-CONV_INPUTS = ("fused", "materialized")
 _IDENTITY_BLOCK = 8  # channels per identity block of materialize (x @ I with I 8 x 8)
 
 

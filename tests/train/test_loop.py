@@ -97,3 +97,16 @@ def test_training_from_given_variables_leaves_the_callers_arrays_alive(tiny_fold
   train_and_evaluate(_config(tiny_folder, tmp_path / "run", cache_dir, epochs=1),
                      variables=variables, stop_at_step=2, print_fn=lambda s: None)
   np.testing.assert_array_equal(np.asarray(mask), np.ones(16))  # not donated away
+
+
+def test_materialized_conv_inputs_train_like_the_default(tiny_folder, tmp_path, cache_dir):
+  runs = {}
+  for mode in ("fused", "materialized"):
+    train_and_evaluate(_config(tiny_folder, tmp_path / mode, cache_dir, epochs=1,
+                               conv_inputs=mode), print_fn=lambda s: None)
+    runs[mode] = _restore_params(tmp_path / mode)
+  assert runs["fused"][0] == runs["materialized"][0] == 5
+  for a, b in zip(jax.tree.leaves(runs["fused"][1]), jax.tree.leaves(runs["materialized"][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  with pytest.raises(UserError, match="--conv-inputs='stored'.*fused or materialized"):
+    _config(tiny_folder, tmp_path / "bad", cache_dir, conv_inputs="stored")
