@@ -98,7 +98,9 @@ def _markdown(results: dict, rows: list[dict]) -> str:
               f"smaller). Largest logit difference, compacted vs masked model: "
               f"{d['compacted_vs_masked_max_logit_diff']:.2e}; loaded file vs masked: "
               f"{d['loaded_vs_masked_max_logit_diff']:.2e} (logits up to "
-              f"{d['logits_max_abs']:.2f})."]
+              f"{d['logits_max_abs']:.2f}); top-1 predictions agree on "
+              f"{d['compacted_vs_masked_top1_agreement']:.2%} of {d['check_images']} "
+              f"validation images."]
   lines += ["", "| layer | in kept | out kept | bits | MACs kept |", "|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['layer']} | {r['in']}/{r['in_full']} | {r['out']}/{r['out_full']} | "

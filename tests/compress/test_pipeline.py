@@ -63,6 +63,7 @@ def test_pipeline_runs_every_stage_and_reports_consistent_costs(trained, tmp_pat
   d = report["deployed"]
   assert d["compacted_vs_masked_max_logit_diff"] < 1e-3 * max(1.0, d["logits_max_abs"])
   assert d["loaded_vs_masked_max_logit_diff"] < 1e-3 * max(1.0, d["logits_max_abs"])
+  assert d["check_images"] > 0 and d["compacted_vs_masked_top1_agreement"] == 1.0
   assert d["file_bytes"] < d["float32_bytes"] / 2
   saved = json.loads((tmp_path / "c" / "report.json").read_text())
   assert saved["final"]["val"]["accuracy"] == report["final"]["val"]["accuracy"]
