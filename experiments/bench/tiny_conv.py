@@ -13,61 +13,44 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from experiments.bench import common
-from picpq_jax import models
+from experiments.bench import common, setups
+from experiments.bench.step_time import measure_round_robin
 from picpq_jax.models import layers
-from picpq_jax.train import optim, steps
 
 VARIANTS = (("lax conv everywhere", 0), ("tiny maps as matmul", layers.TINY_MAP_PIXELS))
 
 
-def _programs(model, variables, tx, x, y) -> dict:
-  """Compiled (train step, state, inference) per variant, each traced with its setting."""
-  default = layers.TINY_MAP_PIXELS
-  out = {}
+def _timed_fns(arch: str, batch: int) -> dict:
+  """``{(variant, kind): fn}``, each compiled (first call) with its ``TINY_MAP_PIXELS``."""
+  model, variables, _ = setups.jax_model(arch)
+  images, labels = setups.random_batch(batch)
+  x = jnp.asarray(images)
+  default, fns = layers.TINY_MAP_PIXELS, {}
   try:
     for name, pixels in VARIANTS:
-      layers.TINY_MAP_PIXELS = pixels
-      step = steps.jit_train_step(model, tx, lambda k, images: images)
-      state = steps.create_train_state(jax.tree.map(jnp.copy, variables), tx)
-      state, _ = step(state, jax.random.key(0), x, y)
-      infer = jax.jit(lambda v, images: model.apply(v, images, train=False))
-      jax.block_until_ready((state, infer(variables, x)))
-      out[name] = (step, state, infer)
+      layers.TINY_MAP_PIXELS = pixels  # read while tracing
+      train = setups.JaxStepper(*setups.jax_train(model, variables), images, labels)
+      infer = setups.jax_infer(model)
+      fns[(name, "train")] = train
+      fns[(name, "infer")] = lambda infer=infer: jax.block_until_ready(infer(variables, x))
+      fns[(name, "train")]()
+      fns[(name, "infer")]()
   finally:
     layers.TINY_MAP_PIXELS = default
-  return out
+  return fns
 
 
 def run(arch: str, batch: int, reps: int) -> dict:
+  """Train-step and inference times of ``arch`` with the tiny-map path off and on."""
   load_start = common.loadavg()
-  model = models.get_model(arch, num_classes=10)
-  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
-  tx = optim.sgd_nesterov(0.01, 0.9, 5e-4)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-  programs = _programs(model, variables, tx, x, y)
-  times = {(name, kind): [] for name in programs for kind in ("train", "infer")}
-  for rep in range(reps):
-    for name, (step, state, infer) in programs.items():
-      start = time.perf_counter()
-      state, _ = step(state, jax.random.key(rep), x, y)
-      jax.block_until_ready(state)
-      times[(name, "train")].append(time.perf_counter() - start)
-      programs[name] = (step, state, infer)
-      start = time.perf_counter()
-      jax.block_until_ready(infer(variables, x))
-      times[(name, "infer")].append(time.perf_counter() - start)
-  rows = [{"model": arch, "batch": batch, "variant": name, "kind": kind, **common.summarize(t)}
-          for (name, kind), t in times.items()]
+  stats = measure_round_robin(_timed_fns(arch, batch), warmup=0, reps=reps)
+  rows = [{"model": arch, "batch": batch, "variant": name, "kind": kind, **s}
+          for (name, kind), s in stats.items()]
   return common.result("tiny_conv", {"model": arch, "batch": batch, "reps": reps}, rows,
                        load_start)
 
