@@ -36,7 +36,8 @@ def _child_jax(arch: str, batch: int, variant: str) -> dict:
   jax.config.update("jax_enable_compilation_cache", False)
   from experiments.bench import setups, variants
   model, variables, _ = setups.jax_model(arch)
-  step, state = setups.jax_train(model, variables, variants.train_step_fn(variant))
+  step, state = setups.jax_train(model, variables, variants.train_step_fn(variant),
+                                 variants.xla_defaults(variant))
   x, y = (jax.numpy.asarray(a) for a in setups.random_batch(batch))
   t0 = time.perf_counter()
   lowered = step.lower(state, x, y)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench import common, setups
+from picpq_jax import compile_options
 from picpq_jax import data as pdata
 from picpq_jax.compress import criteria, evolution, search
 from picpq_jax.train import create_train_state, eval_step, sgd_nesterov, train_step
@@ -93,7 +94,7 @@ def _loop_pieces(spec):
   def one_eval(variables, images, labels, weights):
     return eval_step(variables, spec.preprocess_eval(images), labels, weights, model=spec.model)
 
-  return masks_fn, jax.jit(one_step), jax.jit(one_eval)
+  return masks_fn, compile_options.jit(one_step), compile_options.jit(one_eval)
 
 
 def _torch_losses(spec, module, variables, fp, data, key, a, b) -> np.ndarray:
@@ -149,7 +150,8 @@ def run(cfg) -> dict:
 
   variants = {}
   for strategy in cfg.evo_strategies:
-    evaluate = jax.jit(functools.partial(evolution.population_loss, spec_for(strategy)))
+    evaluate = compile_options.jit(functools.partial(evolution.population_loss,
+                                                     spec_for(strategy)))
     variants[f"jax.population/{strategy}"] = (
         lambda key, a, b, f=evaluate: np.asarray(f(variables, fp, data, key, a, b)))
   loop_spec = spec_for("map")

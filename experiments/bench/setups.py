@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from picpq_jax import models
+from picpq_jax import compile_options, models
 from picpq_jax.train import create_train_state, sgd_nesterov, train_step
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -50,19 +50,28 @@ def infer_flops(structure, batch: int) -> float:
   return 2.0 * structure.macs * batch
 
 
-def jax_train(model, variables, step_fn: Callable = train_step) -> tuple[Callable, Any]:
+def _options(xla_defaults: bool) -> dict[str, str] | None:
+  return None if xla_defaults else compile_options.compiler_options()
+
+
+def jax_train(model, variables, step_fn: Callable = train_step,
+              xla_defaults: bool = False) -> tuple[Callable, Any]:
   """``(step, state)``: ``step(state, images, labels) -> (state, metrics)`` jitted with
   the state donated, and a fresh train state. ``step_fn`` has
-  :func:`~picpq_jax.train.steps.train_step`'s signature."""
+  :func:`~picpq_jax.train.steps.train_step`'s signature. Compiled with the library's
+  XLA options (:mod:`picpq_jax.compile_options`), or XLA's defaults."""
   tx = sgd_nesterov(LR, MOMENTUM, WEIGHT_DECAY)
-  step = jax.jit(functools.partial(step_fn, model=model, tx=tx), donate_argnums=0)
+  step = jax.jit(functools.partial(step_fn, model=model, tx=tx), donate_argnums=0,
+                 compiler_options=_options(xla_defaults))
   own = jax.tree_util.tree_map(jnp.copy, variables)  # the step donates (deletes) these
   return step, create_train_state(own, tx)
 
 
-def jax_infer(model) -> Callable:
-  """``infer(variables, images) -> logits``, jitted, BN in inference mode."""
-  return jax.jit(functools.partial(model.apply, train=False))
+def jax_infer(model, xla_defaults: bool = False) -> Callable:
+  """``infer(variables, images) -> logits``, jitted (options as :func:`jax_train`),
+  BN in inference mode."""
+  return jax.jit(functools.partial(model.apply, train=False),
+                 compiler_options=_options(xla_defaults))
 
 
 class JaxStepper:

@@ -10,7 +10,9 @@ processes on this shared machine falls on all of them alike.
 Variants (``kind/framework``): ``train/jax.jit`` (the library's train step,
 state donated), ``train/torch.eager``, ``train/torch.compile`` (the whole step
 compiled), and ``infer/...`` likewise (BN in inference mode, no autograd). Extra
-JAX train-step variants (performance switches) are added with ``--jax-variants``.
+JAX train-step variants (performance switches, ``experiments.bench.variants``) are
+added with ``--jax-variants``; with ``jax.jit+ynn`` among them, inference is also
+timed with XLA's default options (``infer/jax.jit+ynn``).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def _jax_variants(cfg, model, variables, x, y) -> dict[str, Callable]:
   import jax.numpy as jnp
   from experiments.bench import variants
   fns = {}
-  for name in ["jax.jit", *cfg.jax_variants]:
-    step, state = setups.jax_train(model, variables, variants.train_step_fn(name))
-    fns[f"train/{name}"] = setups.JaxStepper(step, state, x, y)
-  infer = setups.jax_infer(model)
   xj = jnp.asarray(x)
-  fns["infer/jax.jit"] = lambda: jax.block_until_ready(infer(variables, xj))
+  for name in ["jax.jit", *cfg.jax_variants]:
+    step, state = setups.jax_train(model, variables, variants.train_step_fn(name),
+                                   variants.xla_defaults(name))
+    fns[f"train/{name}"] = setups.JaxStepper(step, state, x, y)
+  for name in ["jax.jit", *(n for n in cfg.jax_variants if n == "jax.jit+ynn")]:
+    infer = setups.jax_infer(model, variants.xla_defaults(name))
+    fns[f"infer/{name}"] = lambda infer=infer: jax.block_until_ready(infer(variables, xj))
   return fns
 
 

@@ -1,7 +1,9 @@
 """Named JAX train-step variants the step-time benchmark can compare.
 
-``"jax.jit"`` is the library's plain :func:`picpq_jax.train.steps.train_step`;
-other names select performance switches of the train step. Each has
+``"jax.jit"`` is the library's plain :func:`picpq_jax.train.steps.train_step`,
+compiled with the library's XLA options (:mod:`picpq_jax.compile_options`); other
+names select performance switches of the train step, and a ``+ynn`` suffix compiles
+with XLA:CPU's defaults instead (YNNPACK fusions on). Each step has
 ``train_step``'s signature ``(state, images, labels, *, model, tx)``.
 """
 
@@ -19,9 +21,22 @@ VARIANTS: dict[str, Callable] = {
 }
 
 
+XLA_DEFAULTS_SUFFIX = "+ynn"
+
+
+def names() -> list[str]:
+  """Every variant name: each of :data:`VARIANTS`, with and without ``+ynn``."""
+  return [n + suffix for n in VARIANTS for suffix in ("", XLA_DEFAULTS_SUFFIX)]
+
+
 def train_step_fn(name: str) -> Callable:
-  """The train step named ``name`` (a key of :data:`VARIANTS`)."""
-  try:
-    return VARIANTS[name]
-  except KeyError:
-    raise ValueError(f"unknown JAX step variant {name!r}: choose from {sorted(VARIANTS)}") from None
+  """The train step of variant ``name`` (see :func:`names`)."""
+  base = name.removesuffix(XLA_DEFAULTS_SUFFIX)
+  if base not in VARIANTS:
+    raise ValueError(f"unknown JAX step variant {name!r}: choose from {names()}")
+  return VARIANTS[base]
+
+
+def xla_defaults(name: str) -> bool:
+  """Whether variant ``name`` compiles with XLA's default options."""
+  return name.endswith(XLA_DEFAULTS_SUFFIX)

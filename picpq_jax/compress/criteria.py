@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from picpq_jax import compile_options
 from picpq_jax.errors import UserError
 from picpq_jax.models.layers import QConv, QDense
 from picpq_jax.models.structure import ModelStructure
@@ -327,7 +328,7 @@ def _rank_sums_fn(model: nn.Module, structure: ModelStructure, point: str,
       ranks = _layer_ranks_bidiagonal(maps)
     return {name: jnp.sum(ranks[name], axis=0, dtype=jnp.int32) for name in maps}
 
-  return jax.jit(rank_sums)
+  return compile_options.jit(rank_sums)
 
 
 def filter_property_rank(model: nn.Module, variables: Mapping[str, Any],

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from picpq_jax import compile_options
 from picpq_jax import data as pdata
 from picpq_jax.compress import evolution, pic
 from picpq_jax.errors import UserError
@@ -161,7 +162,7 @@ def _programs(spec: evolution.FitnessSpec, mesh: Mesh | None, sample: int, child
   Returns ``(evaluate, propose, replace)``: ``evaluate`` scores ``children``
   candidates (prune, fine-tune, validate); the other two are small.
   """
-  evaluate = jax.jit(evolution.sharded_population_loss(spec, mesh))
+  evaluate = compile_options.jit(evolution.sharded_population_loss(spec, mesh))
   propose = jax.jit(functools.partial(
       evolution.propose, sample=sample, children=children, generations=generations,
       mutation_rate=mutation_rate))

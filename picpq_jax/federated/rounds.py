@@ -43,6 +43,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from picpq_jax import compile_options
 from picpq_jax.federated.averaging import weighted_average
 from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.quantize import quantize_message
@@ -151,7 +152,7 @@ def parallel_round(local_step: LocalStep, tx: optax.GradientTransformation,
     return stacked, _sum_metrics(metrics)
 
   start = _stacker(mesh, tx, reset)
-  step = jax.jit(jax.shard_map(
+  step = compile_options.jit(jax.shard_map(
       device_step, mesh=mesh, in_specs=(spec, P(), spec, spec, spec, P(), P(), P(), P()),
       out_specs=(spec, P()), check_vma=LOCAL_CHECK_VMA), donate_argnums=0)
   finish = jax.jit(jax.shard_map(
@@ -192,7 +193,7 @@ def _server_programs(split: SplitModel, tx: optax.GradientTransformation, mesh: 
 
   to_server = jax.jit(lambda smashed, label, t: (smashed, label[:, t], jnp.zeros_like(smashed)),
                       out_shardings=(replicated, replicated, replicated))
-  return to_server, jax.jit(visit, donate_argnums=(0, 1))
+  return to_server, compile_options.jit(visit, donate_argnums=(0, 1))
 
 
 def sequential_round(split: SplitModel, tx: optax.GradientTransformation,
@@ -238,10 +239,10 @@ def sequential_round(split: SplitModel, tx: optax.GradientTransformation,
   reset = ("client",) if reset_client else ()
   start = _stacker(mesh, tx, reset)
   server = functools.cache(functools.partial(_server_programs, split, tx, mesh))
-  forward = jax.jit(jax.shard_map(device_forward, mesh=mesh,
+  forward = compile_options.jit(jax.shard_map(device_forward, mesh=mesh,
                                   in_specs=(spec, P(), spec, spec, P(), P(), P()),
                                   out_specs=spec, check_vma=LOCAL_CHECK_VMA))
-  backward = jax.jit(jax.shard_map(device_backward, mesh=mesh,
+  backward = compile_options.jit(jax.shard_map(device_backward, mesh=mesh,
                                    in_specs=(spec, P(), spec, spec, P(), P(), spec, P()),
                                    out_specs=spec, check_vma=LOCAL_CHECK_VMA), donate_argnums=0)
   finish = jax.jit(jax.shard_map(
@@ -285,7 +286,7 @@ def centralized_round(model, tx: optax.GradientTransformation, preprocess: Prepr
     x = lax.with_sharding_constraint(preprocess(jax.random.fold_in(key, t), image[t]), data)
     return model_step(model, tx, parts, consts, x, label[t], lr, bits)
 
-  step = jax.jit(one_step, donate_argnums=0)
+  step = compile_options.jit(one_step, donate_argnums=0)
 
   def round_fn(parts, consts, batch, lrs, key, bits):
     totals = None

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from picpq_jax import compile_options
 from picpq_jax.errors import UserError
 from picpq_jax.models.layers import QConv
 from picpq_jax.train.config import CONV_INPUTS
@@ -168,11 +169,11 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def step(state, key, images, labels):
     return train_step(state, preprocess(key, images), labels, model=model, tx=tx,
                       conv_inputs=conv_inputs)
-  return jax.jit(step, donate_argnums=0)
+  return compile_options.jit(step, donate_argnums=0)
 
 
 def jit_eval_step(model: nn.Module, preprocess: Callable[[Array], Array]) -> Callable:
   """``step(variables, images_uint8, labels, weights) -> summed metrics``, jitted."""
   def step(variables, images, labels, weights):
     return eval_step(variables, preprocess(images), labels, weights, model=model)
-  return jax.jit(step)
+  return compile_options.jit(step)
