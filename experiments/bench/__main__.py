@@ -6,6 +6,7 @@ Examples (from the repository root)::
   python -m experiments.bench --workloads step --step-models resnet56 --batches 128,512
   python -m experiments.bench --workloads hrank
   python -m experiments.bench --workloads compile --compile-models resnet20,resnet56,vgg16
+  python -m experiments.bench --workloads convs --conv-model resnet56
 
 Each workload writes ``<out-dir>/<workload>.json`` (see ``common.result``). PyTorch
 parts run when ``torch`` is importable, unless ``--no-torch``.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from experiments.bench import common
 
-WORKLOADS = ("compile", "step", "hrank", "evolution", "compact")
+WORKLOADS = ("compile", "step", "hrank", "evolution", "compact", "convs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class BenchConfig:
   # 5 compaction
   compact_model: str = "resnet56"
   compact_target: float = 0.45
+  # 6 convolution parts
+  conv_model: str = "resnet56"
+  conv_batch: int = 128
+  conv_reps: int = 7
 
 
 QUICK = dict(
@@ -67,7 +72,8 @@ QUICK = dict(
     compile_models=("resnet8",), compile_batch=8, compile_reps=1, step_models=("resnet8",),
     hrank_model="resnet8", hrank_batches=2, hrank_batch_size=4, hrank_image_size=8,
     evo_model="resnet8", evo_children=2, evo_tau_hat=1, evo_batch=8, evo_val_size=8,
-    evo_strategies=("map",), compact_model="resnet8")
+    evo_strategies=("map",), compact_model="resnet8", conv_model="resnet8", conv_batch=8,
+    conv_reps=1)
 
 
 def _csv(kind):
@@ -126,9 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
   argv = sys.argv[1:] if argv is None else list(argv)
   common.COMMAND[:] = argv
   cfg, workloads, out_dir = parse(argv)
-  from experiments.bench import compacted, compile_time, evolution, hrank, step_time
+  from experiments.bench import (compacted, compile_time, conv_parts, evolution, hrank,
+                                 step_time)
   modules = {"compile": compile_time, "step": step_time, "hrank": hrank,
-             "evolution": evolution, "compact": compacted}
+             "evolution": evolution, "compact": compacted, "convs": conv_parts}
   written = {}
   for name in workloads:
     result = modules[name].run(cfg)

@@ -11,15 +11,16 @@ from pathlib import Path
 
 from experiments.bench import common
 
-ORDER = ("compile_time", "step_time", "tiny_conv", "hrank", "evolution", "compacted")
+ORDER = ("compile_time", "step_time", "conv_parts", "tiny_conv", "hrank", "evolution", "compacted")
 
 
 def render(path: Path) -> str:
   """The table and run note of one result file."""
-  from experiments.bench import compacted, compile_time, evolution, hrank, step_time, tiny_conv
+  from experiments.bench import (compacted, compile_time, conv_parts, evolution, hrank,
+                                 step_time, tiny_conv)
   tables = {"compile_time": compile_time.table, "step_time": step_time.table,
             "hrank": hrank.table, "evolution": evolution.table, "compacted": compacted.table,
-            "tiny_conv": tiny_conv.table}
+            "tiny_conv": tiny_conv.table, "conv_parts": conv_parts.table}
   res = json.loads(path.read_text())
   return tables[res["workload"]](res) + "\n" + common.run_note(res)
 

@@ -86,6 +86,15 @@ def test_options_parse_and_reject_unknown_workloads():
     parse(["--workloads", "train"])
 
 
+def test_conv_shapes_of_resnet56_count_its_55_convs():
+  from experiments.bench.conv_parts import conv_shapes
+  structure = models.model_structure(models.get_model("resnet56"), (32, 32, 3))
+  # stem; 9 blocks of 2 convs per stage, the first conv of stages 2 and 3 with stride 2
+  assert conv_shapes(structure) == {
+      (32, 3, 16, 3, 1): 1, (32, 16, 16, 3, 1): 18, (32, 16, 32, 3, 2): 1,
+      (16, 32, 32, 3, 1): 17, (16, 32, 64, 3, 2): 1, (8, 64, 64, 3, 1): 17}
+
+
 def _check_timing(row: dict) -> None:
   assert row["reps"] == len(row["times_s"]) >= 1
   assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
@@ -94,7 +103,7 @@ def _check_timing(row: dict) -> None:
 def test_quick_suite_writes_every_workload(tmp_path):
   argv = ["--quick", "--out-dir", str(tmp_path)] + ([] if TORCH else ["--no-torch"])
   written = main(argv)
-  assert set(written) == {"compile", "step", "hrank", "evolution", "compact"}
+  assert set(written) == {"compile", "step", "hrank", "evolution", "compact", "convs"}
   results = {name: json.loads(path.read_text()) for name, path in written.items()}
   for name, res in results.items():
     assert res["schema"] == common.SCHEMA_VERSION and res["rows"], name
@@ -137,6 +146,16 @@ def test_quick_suite_writes_every_workload(tmp_path):
   # full run measured up to 2.9e-4 on losses near 2 (float32 rounding over tau_hat steps)
   for variant, diff in evo["max_loss_diff_vs_loop"].items():
     assert diff < 1e-3, variant
+
+  convs = results["convs"]  # resnet8: stem, then one block (two convs) per stage
+  layers = {(r["hw"], r["c_in"], r["c_out"], r["kernel"], r["stride"]): r["layers"]
+            for r in convs["rows"]}
+  assert layers == {(32, 3, 16, 3, 1): 1, (32, 16, 16, 3, 1): 2, (32, 16, 32, 3, 2): 1,
+                    (16, 32, 32, 3, 1): 1, (16, 32, 64, 3, 2): 1, (8, 64, 64, 3, 1): 1}
+  assert {(r["framework"], r["part"]) for r in convs["rows"]} >= {
+      ("jax", "fwd"), ("jax", "dgrad"), ("jax", "wgrad")}
+  if TORCH:  # JAX's forward, input and weight gradients equal PyTorch's
+    assert all(r["max_rel_diff_vs_torch"] < 1e-5 for r in convs["rows"])
 
   comp = results["compact"]
   assert comp["max_logit_diff"] < 1e-4
