@@ -1,21 +1,27 @@
 """XLA compiler options of the library's convolution-heavy programs.
 
 XLA:CPU (jaxlib 0.10.2) hands convolutions, dots, elementwise ops and reductions
-to YNNPACK fusions by default. For the CNNs here XLA's own convolution kernels are
-faster, so the library keeps YNNPACK for reductions only
+to YNNPACK fusions by default. In a CNN train step, XLA's own convolution kernels
+win, so the library keeps YNNPACK for reductions only
 (``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_REDUCE``). Train step
-at batch 128 on the 2-core development CPU, in one process: ResNet-56 (materialized
-conv inputs) 1.12 -> 0.86 s, MobileNetV2 10.4 -> 8.6 s
-(``experiments/bench/RESULTS.md`` has the full tables).
+at batch 128 on the 2-core development CPU, timed in one process: ResNet-56
+(materialized conv inputs) 1.12 -> 0.86 s, VGG-16 1.33 -> 0.98 s, MobileNetV2 10.4
+-> 8.6 s (``experiments/bench/RESULTS.md``). Timed alone, YNNPACK's forward and
+input-gradient convolutions are the faster ones and XLA's weight gradients; in the
+step XLA's win (why was not traced).
+
+Inference alone is faster with XLA's defaults (ResNet-56 forward at batch 128: 0.21
+vs 0.23 s), so evaluation programs do not use these options; the HRank program
+(forwards and ranks) runs at the same speed either way.
 
 Reductions stay with YNNPACK for accuracy: with no YNNPACK fusion at all, XLA's
 own kernels gave ResNet-8 train-mode gradients 0.4-2.4% away from a float64
 reference (batch 32-64), against 2-5e-6 with YNNPACK reductions
 (``tests/test_compile_options.py``).
 
-The library's train, evaluation, HRank, evolution and federated programs are jitted
-with :func:`compiler_options`; other backends get none. Set ``CPU_OPTIONS = {}``
-to compile with XLA's defaults.
+The library's train step, evolution (fine-tuning candidates), HRank and federated
+training programs are jitted with :func:`compiler_options`; other backends get
+none. Set ``CPU_OPTIONS = {}`` to compile with XLA's defaults.
 """
 
 from __future__ import annotations

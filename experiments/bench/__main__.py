@@ -80,6 +80,26 @@ def _csv(kind):
   return lambda text: tuple(kind(v) for v in text.split(",") if v)
 
 
+# the models of each workload that has a PyTorch side
+_TWIN_FIELDS = {"compile": "compile_models", "step": "step_models", "hrank": "hrank_model",
+                "evolution": "evo_model", "compact": "compact_model"}
+
+
+def _check_twins(parser: argparse.ArgumentParser, cfg: BenchConfig, workloads) -> None:
+  """Fails before any timing when a workload's model has no PyTorch twin."""
+  from experiments.bench import torch_models
+  for workload in workloads:
+    field = _TWIN_FIELDS.get(workload)
+    if field is None:
+      continue
+    value = getattr(cfg, field)
+    missing = [m for m in ((value,) if isinstance(value, str) else value)
+               if not torch_models.has_twin(m)]
+    if missing:
+      parser.error(f"--{field.replace('_', '-')}: no PyTorch twin for {', '.join(missing)} "
+                   "(twins: resnet{6n+2}, vgg16); drop them or pass --no-torch")
+
+
 def parse(argv: list[str]) -> tuple[BenchConfig, tuple[str, ...], Path]:
   """``(config, workloads, out_dir)`` from the command line."""
   parser = argparse.ArgumentParser(prog="python -m experiments.bench",
@@ -122,6 +142,8 @@ def parse(argv: list[str]) -> tuple[BenchConfig, tuple[str, ...], Path]:
   values["torch_compile"] = not args.no_torch_compile
   if not values["use_torch"]:
     print("PyTorch parts skipped (--no-torch or torch not installed)", flush=True)
+  else:
+    _check_twins(parser, BenchConfig(**values), args.workloads)
   out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "picpq_bench_quick" if args.quick
                              else Path("experiments/bench/results"))
   return BenchConfig(**values), tuple(args.workloads), out_dir

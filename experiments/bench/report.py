@@ -11,7 +11,8 @@ from pathlib import Path
 
 from experiments.bench import common
 
-ORDER = ("compile_time", "step_time", "conv_parts", "tiny_conv", "hrank", "evolution", "compacted")
+ORDER = ("compile_time", "compile_time_options", "step_time", "step_time_resnet20_vgg16",
+         "conv_parts", "tiny_conv", "hrank", "evolution", "compacted")
 
 
 def render(path: Path) -> str:

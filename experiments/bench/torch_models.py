@@ -159,13 +159,20 @@ class TorchVGG(nn.Module):
     return self.head(F.relu(self.norm1(self.linear1(x))))
 
 
+def has_twin(arch: str) -> bool:
+  """Whether :func:`build` has a twin of the registry name ``arch``."""
+  depth = arch[len("resnet"):]
+  return arch == "vgg16" or (arch.startswith("resnet") and depth.isdigit()
+                             and int(depth) % 6 == 2)
+
+
 def build(arch: str, num_classes: int = 10) -> nn.Module:
   """The twin of the library's registry name ``arch`` (``resnet{6n+2}`` or ``vgg16``)."""
+  if not has_twin(arch):
+    raise ValueError(f"no PyTorch twin for {arch!r}: use resnet{{6n+2}} or vgg16")
   if arch == "vgg16":
     return TorchVGG(num_classes=num_classes)
-  if arch.startswith("resnet"):
-    return TorchCifarResNet(int(arch[len("resnet"):]), num_classes)
-  raise ValueError(f"no PyTorch twin for {arch!r}: use resnet{{6n+2}} or vgg16")
+  return TorchCifarResNet(int(arch[len("resnet"):]), num_classes)
 
 
 _LEAF = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}

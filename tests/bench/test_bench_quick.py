@@ -86,6 +86,15 @@ def test_options_parse_and_reject_unknown_workloads():
     parse(["--workloads", "train"])
 
 
+@needs_torch
+def test_a_model_without_a_torch_twin_fails_before_timing(capsys):
+  with pytest.raises(SystemExit):
+    parse(["--workloads", "step", "--step-models", "resnet20,mobilenetv2"])
+  assert "no PyTorch twin for mobilenetv2" in capsys.readouterr().err
+  cfg, _, _ = parse(["--workloads", "step", "--step-models", "mobilenetv2", "--no-torch"])
+  assert cfg.step_models == ("mobilenetv2",)
+
+
 def test_conv_shapes_of_resnet56_count_its_55_convs():
   from experiments.bench.conv_parts import conv_shapes
   structure = models.model_structure(models.get_model("resnet56"), (32, 32, 3))
