@@ -94,7 +94,8 @@ def _loop_pieces(spec):
   def one_eval(variables, images, labels, weights):
     return eval_step(variables, spec.preprocess_eval(images), labels, weights, model=spec.model)
 
-  return masks_fn, compile_options.jit(one_step), compile_options.jit(one_eval)
+  # as the library: training with its compile options, evaluation with XLA's defaults
+  return masks_fn, compile_options.jit(one_step), jax.jit(one_eval)
 
 
 def _torch_losses(spec, module, variables, fp, data, key, a, b) -> np.ndarray:
