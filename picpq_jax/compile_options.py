@@ -5,8 +5,8 @@ to YNNPACK fusions by default. In a CNN train step, XLA's own convolution kernel
 win, so the library keeps YNNPACK for reductions only
 (``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_REDUCE``). Train step
 at batch 128 on the 2-core development CPU, timed in one process: ResNet-56
-(materialized conv inputs) 1.12 -> 0.86 s, VGG-16 1.33 -> 0.98 s, MobileNetV2 10.4
--> 8.6 s (``experiments/bench/RESULTS.md``). Timed alone, YNNPACK's forward and
+(materialized conv inputs) 1.12 -> 0.97 s, VGG-16 1.44 -> 1.10 s, ResNet-20 0.50 ->
+0.36 s (``experiments/bench/RESULTS.md``), MobileNetV2 10.4 -> 8.6 s. Timed alone, YNNPACK's forward and
 input-gradient convolutions are the faster ones and XLA's weight gradients; in the
 step XLA's win (why was not traced).
 

@@ -239,12 +239,12 @@ def sequential_round(split: SplitModel, tx: optax.GradientTransformation,
   reset = ("client",) if reset_client else ()
   start = _stacker(mesh, tx, reset)
   server = functools.cache(functools.partial(_server_programs, split, tx, mesh))
-  forward = compile_options.jit(jax.shard_map(device_forward, mesh=mesh,
-                                  in_specs=(spec, P(), spec, spec, P(), P(), P()),
-                                  out_specs=spec, check_vma=LOCAL_CHECK_VMA))
-  backward = compile_options.jit(jax.shard_map(device_backward, mesh=mesh,
-                                   in_specs=(spec, P(), spec, spec, P(), P(), spec, P()),
-                                   out_specs=spec, check_vma=LOCAL_CHECK_VMA), donate_argnums=0)
+  forward = compile_options.jit(jax.shard_map(
+      device_forward, mesh=mesh, in_specs=(spec, P(), spec, spec, P(), P(), P()),
+      out_specs=spec, check_vma=LOCAL_CHECK_VMA))
+  backward = compile_options.jit(jax.shard_map(
+      device_backward, mesh=mesh, in_specs=(spec, P(), spec, spec, P(), P(), spec, P()),
+      out_specs=spec, check_vma=LOCAL_CHECK_VMA), donate_argnums=0)
   finish = jax.jit(jax.shard_map(
       functools.partial(_average_parts, reset=reset, tx=tx), mesh=mesh,
       in_specs=(spec, spec), out_specs=P()))
