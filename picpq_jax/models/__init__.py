@@ -9,6 +9,7 @@ from picpq_jax.models.mobilenetv2 import MobileNetV2
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS
 from picpq_jax.models.quantizer import FullPrecision
 from picpq_jax.models.quantizer import Quantizer
+from picpq_jax.models.registry import DTYPES
 from picpq_jax.models.registry import MODELS
 from picpq_jax.models.registry import ModelSpec
 from picpq_jax.models.registry import get_model

@@ -61,7 +61,8 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 TINY_MAP_PIXELS = 4
 
 
-def conv_taps_matmul(x: Array, kernel: Array, padding: Any) -> Array:
+def conv_taps_matmul(x: Array, kernel: Array, padding: Any,
+                     preferred_element_type: Any = None) -> Array:
   """Stride-1 dense convolution as one matmul over the kernel's shifted taps.
 
   Args:
@@ -74,6 +75,8 @@ def conv_taps_matmul(x: Array, kernel: Array, padding: Any) -> Array:
     equal to ``lax.conv_general_dilated`` with the same padding. The input is
     gathered into ``[N, H', W', kh * kw * C_in]`` (tap-major, as the kernel's HWIO
     layout flattens), so memory grows ``kh * kw`` times: meant for tiny maps.
+    ``preferred_element_type``: the accumulation and result dtype, as in
+    ``lax.dot_general`` (``None``: the operands').
   """
   kh, kw, c_in, c_out = kernel.shape
   (top, bottom), (left, right) = padding
@@ -81,12 +84,16 @@ def conv_taps_matmul(x: Array, kernel: Array, padding: Any) -> Array:
   h_out, w_out = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
   taps = jnp.concatenate([xp[:, i:i + h_out, j:j + w_out, :]
                           for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.dot(taps, kernel.reshape(kh * kw * c_in, c_out))
+  return jnp.dot(taps, kernel.reshape(kh * kw * c_in, c_out),
+                 preferred_element_type=preferred_element_type)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
-           feature_group_count: int = 1) -> Array:
+           feature_group_count: int = 1, preferred_element_type: Any = None) -> Array:
   """NHWC/HWIO convolution ``[N, H, W, C_in] -> [N, H', W', C_out]``.
+
+  ``preferred_element_type``: the accumulation and result dtype (``None``: the
+  operands'); bfloat16 operands with ``jnp.float32`` accumulate in float32.
 
   ``lax.conv_general_dilated``, except that a dense stride-1 convolution with
   explicit padding whose output has at most :data:`TINY_MAP_PIXELS` pixels runs as
@@ -98,10 +105,11 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
     h_out = x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1
     w_out = x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1
     if h_out * w_out <= TINY_MAP_PIXELS:
-      return conv_taps_matmul(x, kernel, padding)
+      return conv_taps_matmul(x, kernel, padding, preferred_element_type)
   return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  feature_group_count=feature_group_count)
+                                  feature_group_count=feature_group_count,
+                                  preferred_element_type=preferred_element_type)
 
 
 def _quantize_operands(module: nn.Module, x: Array, kernel: Array) -> tuple[Array, Array]:
@@ -138,6 +146,9 @@ class QConv(nn.Module):
       declarations; ``None`` for the image input or an unprunable output).
     quantizer: static quantizer; bit-widths come from the ``quant`` collection.
     default_bits: initial ``w_bits`` and ``a_bits``.
+    dtype: dtype of the (quantized) operands of the product, e.g. ``"bfloat16"`` for
+      mixed precision; it accumulates and returns float32, and the kernel is stored
+      float32.
   """
 
   features: int
@@ -166,7 +177,7 @@ class QConv(nn.Module):
     if padding is None:
       padding = [(k // 2, k // 2) for k in self.kernel_size]
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
-               self.feature_group_count)
+               self.feature_group_count, preferred_element_type=jnp.float32)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y
@@ -192,7 +203,8 @@ class QDense(nn.Module):
     kernel_shape = (x.shape[-1], self.features)
     kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape, jnp.float32)
     x, kernel = _quantize_operands(self, x, kernel)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y

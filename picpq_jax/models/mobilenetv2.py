@@ -83,6 +83,7 @@ class InvertedResidual(nn.Module):
   expand_group: str
   out_group: str
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   hidden_features: int | None = None
   add_input: bool | None = None
 
@@ -95,15 +96,18 @@ class InvertedResidual(nn.Module):
       hidden_group = self.expand_group
       hidden = self.hidden_features or x.shape[-1] * self.expansion
       y = QConv(hidden, kernel_size=(1, 1), in_group=self.in_group,
-                out_group=hidden_group, quantizer=self.quantizer, name="expand_conv")(y)
+                out_group=hidden_group, quantizer=self.quantizer,
+                dtype=self.dtype, name="expand_conv")(y)
       y = nn.relu6(batch_norm(train, "expand_bn")(y)) * hidden_mask
     hidden = y.shape[-1]
     y = QConv(hidden, strides=(self.stride, self.stride), feature_group_count=hidden,
               in_group=hidden_group, out_group=hidden_group, quantizer=self.quantizer,
+              dtype=self.dtype,
               name="dw_conv")(y)
     y = nn.relu6(batch_norm(train, "dw_bn")(y)) * hidden_mask
     y = QConv(self.features, kernel_size=(1, 1), in_group=hidden_group,
-              out_group=self.out_group, quantizer=self.quantizer, name="project_conv")(y)
+              out_group=self.out_group, quantizer=self.quantizer,
+              dtype=self.dtype, name="project_conv")(y)
     y = batch_norm(train, "project_bn")(y)
     add_input = self.residual(x.shape[-1]) if self.add_input is None else self.add_input
     if add_input:
@@ -125,6 +129,9 @@ class MobileNetV2(nn.Module):
     cfg: ``(t, c, n, s)`` per stage.
     stem_features, last_features: widths of the stem and last conv at ``width_mult`` 1.
     quantizer: static quantizer of every conv and dense layer.
+    dtype: computation dtype of the conv and dense products, ``"float32"`` or
+      ``"bfloat16"`` (mixed precision); parameters, batch norm and the logits'
+      bias stay float32.
     group_sizes: static width overrides per channel group (a compacted model);
       ``None`` keeps the widths above. Which blocks add their input is decided on
       the widths above, never on the overrides.
@@ -138,6 +145,7 @@ class MobileNetV2(nn.Module):
   stem_features: int = 32
   last_features: int = 1280
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   group_sizes: GroupSizes = None
   span: Span = None
 
@@ -147,7 +155,7 @@ class MobileNetV2(nn.Module):
     group = "stem"
     masks = {group: channel_mask(self, group, self._width(group, width))}
     if in_span(self.span, 0):
-      x = QConv(masks[group].shape[0], out_group=group, quantizer=self.quantizer,
+      x = QConv(masks[group].shape[0], out_group=group, quantizer=self.quantizer, dtype=self.dtype,
                 name="stem_conv")(x)
       x = nn.relu6(batch_norm(train, "stem_bn")(x)) * masks[group]
     for s, (t, c, n, first_stride) in enumerate(self.cfg):
@@ -167,7 +175,8 @@ class MobileNetV2(nn.Module):
         if in_span(self.span, s + 1):
           x = InvertedResidual(
               masks[group].shape[0], stride, t, in_group=in_group, expand_group=expand,
-              out_group=group, quantizer=self.quantizer, hidden_features=hidden_mask.shape[0],
+              out_group=group, quantizer=self.quantizer,
+              dtype=self.dtype, hidden_features=hidden_mask.shape[0],
               add_input=add_input, name=name)(x, hidden_mask, masks[group], train)
         width = features
     check_group_sizes(self.group_sizes, [*masks, "last"])
@@ -189,7 +198,8 @@ class MobileNetV2(nn.Module):
     """1x1 conv to ``last`` -> BN -> ReLU6 -> mask -> global average pool -> head."""
     features = self._width("last", make_divisible(self.last_features * max(1.0, self.width_mult)))
     x = QConv(features, kernel_size=(1, 1), in_group=in_group, out_group="last",
-              quantizer=self.quantizer, name="last_conv")(x)
+              quantizer=self.quantizer, dtype=self.dtype, name="last_conv")(x)
     x = nn.relu6(batch_norm(train, "last_bn")(x)) * channel_mask(self, "last", features)
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, in_group="last", quantizer=self.quantizer, name="head")(x)
+    return QDense(self.num_classes, in_group="last", quantizer=self.quantizer,
+                  dtype=self.dtype, name="head")(x)

@@ -46,11 +46,21 @@ def get_spec(name: str) -> ModelSpec:
         f"unknown architecture {name!r}: choose one of {', '.join(sorted(MODELS))}") from None
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def get_model(name: str, num_classes: int | None = None,
-              quantizer: Quantizer = FullPrecision()) -> nn.Module:
-  """Builds the named model (an unbound Flax module)."""
+              quantizer: Quantizer = FullPrecision(), dtype: str = "float32") -> nn.Module:
+  """Builds the named model (an unbound Flax module).
+
+  ``dtype``: computation dtype of its conv and dense products, one of :data:`DTYPES`
+  (``"bfloat16"``: mixed precision, the parameters stay float32).
+  """
   spec = get_spec(name)
-  return spec.build(num_classes=num_classes or spec.num_classes, quantizer=quantizer)
+  if dtype not in DTYPES:
+    raise UserError(f"unknown compute dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+  return spec.build(num_classes=num_classes or spec.num_classes, quantizer=quantizer,
+                    dtype=dtype)
 
 
 def init_variables(model: nn.Module, key: jax.Array,

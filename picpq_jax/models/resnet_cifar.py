@@ -112,6 +112,7 @@ class BasicBlock(nn.Module):
   out_group: str
   shortcut: str = "A"
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   mid_features: int | None = None
   shortcut_index: tuple[int, ...] | None = None
 
@@ -120,10 +121,10 @@ class BasicBlock(nn.Module):
     s = (self.stride, self.stride)
     mid = self.features if self.mid_features is None else self.mid_features
     y = QConv(mid, strides=s, in_group=self.in_group, out_group=self.mid_group,
-              quantizer=self.quantizer, name="conv1")(x)
+              quantizer=self.quantizer, dtype=self.dtype, name="conv1")(x)
     y = nn.relu(batch_norm(train, "bn1")(y)) * mid_mask
     y = QConv(self.features, in_group=self.mid_group, out_group=self.out_group,
-              quantizer=self.quantizer, name="conv2")(y)
+              quantizer=self.quantizer, dtype=self.dtype, name="conv2")(y)
     y = batch_norm(train, "bn2")(y)
     if self.shortcut == "A" and self.shortcut_index is not None:
       x = index_shortcut(x, self.shortcut_index, self.stride)
@@ -131,7 +132,8 @@ class BasicBlock(nn.Module):
       x = option_a_shortcut(x, self.features, self.stride)
     elif self.stride != 1 or x.shape[-1] != self.features:
       x = QConv(self.features, kernel_size=(1, 1), strides=s, in_group=self.in_group,
-                out_group=self.out_group, quantizer=self.quantizer, name="downsample_conv")(x)
+                out_group=self.out_group, quantizer=self.quantizer,
+                dtype=self.dtype, name="downsample_conv")(x)
       x = batch_norm(train, "downsample_bn")(x)
     return nn.relu(y + x) * out_mask
 
@@ -144,6 +146,9 @@ class CifarResNet(nn.Module):
     num_classes: classes of the head.
     widths: channels of the three stages.
     quantizer: static quantizer of every conv and dense layer.
+    dtype: computation dtype of the conv and dense products, ``"float32"`` or
+      ``"bfloat16"`` (mixed precision); parameters, batch norm and the logits'
+      bias stay float32.
     group_sizes: static width overrides per channel group (a compacted model);
       ``None`` keeps ``widths``.
     shortcut_maps: static index map of each stage's first shortcut, one per stage
@@ -157,6 +162,7 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   widths: tuple[int, int, int] = (16, 32, 64)
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   group_sizes: GroupSizes = None
   shortcut_maps: tuple[tuple[int, ...], ...] | None = None
   span: Span = None
@@ -172,7 +178,8 @@ class CifarResNet(nn.Module):
     stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
 
     if in_span(self.span, 0):
-      x = QConv(widths[0], out_group="stage1", quantizer=self.quantizer, name="stem_conv")(x)
+      x = QConv(widths[0], out_group="stage1", quantizer=self.quantizer,
+                dtype=self.dtype, name="stem_conv")(x)
       x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
     in_group = "stage1"
     for s, width in enumerate(widths):
@@ -183,6 +190,7 @@ class CifarResNet(nn.Module):
           x = BasicBlock(
               width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
               mid_group=f"{name}_mid", out_group=f"stage{s + 1}", quantizer=self.quantizer,
+              dtype=self.dtype,
               mid_features=mid,
               shortcut_index=maps[s - 1] if (maps and s > 0 and b == 0) else None,
               name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
@@ -190,7 +198,8 @@ class CifarResNet(nn.Module):
     if not in_span(self.span, len(widths) + 1):
       return x
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer, name="head")(x)
+    return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer,
+                  dtype=self.dtype, name="head")(x)
 
   def pieces(self) -> tuple[str, ...]:
     """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`): the stem

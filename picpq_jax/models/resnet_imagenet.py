@@ -44,6 +44,9 @@ class ImageNetResNet(nn.Module):
     num_classes: classes of the head.
     widths: channels per stage.
     quantizer: static quantizer of every conv and dense layer.
+    dtype: computation dtype of the conv and dense products, ``"float32"`` or
+      ``"bfloat16"`` (mixed precision); parameters, batch norm and the logits'
+      bias stay float32.
     group_sizes: static width overrides per channel group (a compacted model);
       ``None`` keeps ``widths``.
     span: run only these of :meth:`pieces` (split learning); the stage masks are
@@ -54,6 +57,7 @@ class ImageNetResNet(nn.Module):
   num_classes: int = 1000
   widths: Sequence[int] = (64, 128, 256, 512)
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   group_sizes: GroupSizes = None
   span: Span = None
 
@@ -67,7 +71,7 @@ class ImageNetResNet(nn.Module):
     stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
     if in_span(self.span, 0):
       x = QConv(widths[0], kernel_size=(7, 7), strides=(2, 2), out_group="stage1",
-                quantizer=self.quantizer, name="stem_conv")(x)
+                quantizer=self.quantizer, dtype=self.dtype, name="stem_conv")(x)
       x = nn.relu(batch_norm(train, "stem_bn")(x)) * stream[0]
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     in_group = "stage1"
@@ -79,13 +83,14 @@ class ImageNetResNet(nn.Module):
           x = BasicBlock(
               width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
               mid_group=f"{name}_mid", out_group=f"stage{s + 1}", shortcut="B",
-              quantizer=self.quantizer, mid_features=mid,
+              quantizer=self.quantizer, dtype=self.dtype, mid_features=mid,
               name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
         in_group = f"stage{s + 1}"
     if not in_span(self.span, len(widths) + 1):
       return x
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer, name="head")(x)
+    return QDense(self.num_classes, in_group=in_group, quantizer=self.quantizer,
+                  dtype=self.dtype, name="head")(x)
 
   def pieces(self) -> tuple[str, ...]:
     """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`): the stem

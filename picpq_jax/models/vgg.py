@@ -41,11 +41,12 @@ class ConvBNReLU(nn.Module):
   in_group: str | None
   out_group: str
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, train: bool) -> Array:
     x = QConv(self.features, use_bias=True, in_group=self.in_group, out_group=self.out_group,
-              quantizer=self.quantizer, name="conv")(x)
+              quantizer=self.quantizer, dtype=self.dtype, name="conv")(x)
     return nn.relu(batch_norm(train, "bn")(x)) * mask
 
 
@@ -57,6 +58,9 @@ class CifarVGG(nn.Module):
     hidden: width of the classifier's hidden layer.
     num_classes: classes of the head.
     quantizer: static quantizer of every conv and dense layer.
+    dtype: computation dtype of the conv and dense products, ``"float32"`` or
+      ``"bfloat16"`` (mixed precision); parameters, batch norm and the logits'
+      bias stay float32.
     group_sizes: static width overrides of the ``conv{i}`` groups (a compacted
       model); ``None`` keeps ``cfg``.
     span: run only these of :meth:`pieces` (split learning); a ``conv{i}`` mask
@@ -67,6 +71,7 @@ class CifarVGG(nn.Module):
   hidden: int = 512
   num_classes: int = 10
   quantizer: Quantizer = FullPrecision()
+  dtype: str = "float32"
   group_sizes: GroupSizes = None
   span: Span = None
 
@@ -87,6 +92,7 @@ class CifarVGG(nn.Module):
       width = group_width(self.group_sizes, name, v)
       if in_span(self.span, piece):
         x = ConvBNReLU(width, in_group=group, out_group=name, quantizer=self.quantizer,
+                       dtype=self.dtype,
                        name=f"layer{convs}")(x, channel_mask(self, name, width), train)
       group = name
     if in_span(self.span, piece):
@@ -94,9 +100,10 @@ class CifarVGG(nn.Module):
     if not in_span(self.span, piece + 1):
       return x
     x = x.reshape(x.shape[0], -1)
-    x = QDense(self.hidden, in_group=group, quantizer=self.quantizer, name="linear1")(x)
+    x = QDense(self.hidden, in_group=group, quantizer=self.quantizer,
+               dtype=self.dtype, name="linear1")(x)
     x = nn.relu(batch_norm(train, "norm1")(x))
-    return QDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+    return QDense(self.num_classes, quantizer=self.quantizer, dtype=self.dtype, name="head")(x)
 
   def pieces(self) -> tuple[str, ...]:
     """The model's pieces in order (see :data:`~picpq_jax.models.layers.Span`):
