@@ -155,7 +155,7 @@ def train_and_evaluate(config: TrainConfig, *, stop_at_step: int | None = None,
   total_steps = config.epochs * steps_per_epoch
 
   # --- Model, optimizer, state, placement.
-  model = models.get_model(config.arch, num_classes=train.num_classes,
+  model = models.get_model(config.arch, num_classes=train.num_classes, dtype=config.dtype,
                            **({} if quantizer is None else {"quantizer": quantizer}))
   structure = models.model_structure(model, spec.input_shape)
   schedule = optim.make_schedule(

@@ -117,3 +117,15 @@ def test_conv_inputs_option_reaches_the_train_step(tiny_folder, tmp_path, cache_
   assert np.isfinite(result["val_loss"])
   with pytest.raises(UserError, match="--conv-inputs='stored'.*fused or materialized"):
     _config(tiny_folder, tmp_path / "bad", cache_dir, conv_inputs="stored")
+
+
+def test_bfloat16_dtype_trains_and_keeps_float32_parameters(tiny_folder, tmp_path, cache_dir):
+  # The products' dtype and numerics are tested in tests/models/test_model_dtype.py;
+  # here: the option is validated, reaches the model, and checkpoints stay float32.
+  result = train_and_evaluate(_config(tiny_folder, tmp_path / "bf16", cache_dir, epochs=1,
+                                      dtype="bfloat16"), print_fn=lambda s: None)
+  assert result["finished"] and np.isfinite(result["val_loss"])
+  _, params = _restore_params(str(tmp_path / "bf16"))
+  assert {np.asarray(p).dtype for p in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  with pytest.raises(UserError, match="--dtype='float16'.*float32 or bfloat16"):
+    _config(tiny_folder, tmp_path / "bad", cache_dir, dtype="float16")
