@@ -12,6 +12,10 @@ from how the whole step is laid out and fused (the ``step`` workload). ``jax`` i
 compiled with the library's XLA options (:mod:`picpq_jax.compile_options`),
 ``jax+ynn`` with XLA:CPU's defaults (YNNPACK fusions). With PyTorch,
 each JAX part's result is also checked against PyTorch's (``max_rel_diff_vs_torch``).
+``jax+bf16`` is ``jax`` with bfloat16 operands and results (the issue's "bf16
+inputs with fp32 accumulation" on an AVX-512-BF16 CPU): it shows whether XLA:CPU's
+bf16 convolutions are faster than its float32 ones; its results differ from
+PyTorch's float32 by bf16 rounding (about 1e-2 of the largest entry).
 
 All variants of one shape are timed round-robin in one process
 (:func:`experiments.bench.step_time.measure_round_robin`).
@@ -61,13 +65,21 @@ def operands(shape: ConvShape, batch: int) -> tuple[np.ndarray, np.ndarray, np.n
           rng.standard_normal((batch, out_hw, out_hw, cout), dtype=np.float32))
 
 
-def jax_parts(shape: ConvShape, x, w, g,
-              xla_defaults: bool = False) -> dict[str, Callable[[], np.ndarray]]:
+# JAX variants of each part: name -> (XLA's defaults instead of the library's options,
+# operand dtype).
+JAX_FRAMEWORKS = {"jax": (False, jnp.float32), "jax+ynn": (True, jnp.float32),
+                  "jax+bf16": (False, jnp.bfloat16)}
+
+
+def jax_parts(shape: ConvShape, x, w, g, xla_defaults: bool = False,
+              dtype=jnp.float32) -> dict[str, Callable[[], np.ndarray]]:
   """``{part: fn}``: one conv's forward, input and weight gradient in JAX, each
   returning its result (NHWC, NHWC, HWIO) once computed; compiled with the library's
-  XLA options (:mod:`picpq_jax.compile_options`) or, with ``xla_defaults``, XLA's."""
+  XLA options (:mod:`picpq_jax.compile_options`) or, with ``xla_defaults``, XLA's.
+  The operands are cast to ``dtype`` once, outside the timed calls, and the results
+  come out in ``dtype``."""
   _, _, _, k, s = shape
-  x, w, g = jnp.asarray(x), jnp.asarray(w), jnp.asarray(g)
+  x, w, g = (jnp.asarray(a, dtype) for a in (x, w, g))
   conv = functools.partial(layers.conv2d, strides=(s, s), padding=_padding(k))
   jit = functools.partial(jax.jit, compiler_options=None if xla_defaults
                           else compile_options.compiler_options())
@@ -113,7 +125,7 @@ def max_rel_diff(jax_fns: dict, torch_fns: dict) -> dict[str, float]:
   out = {}
   for part in PARTS:
     want = _torch_to_jax_layout(part, torch_fns[part]())
-    got = np.asarray(jax_fns[part]())
+    got = np.asarray(jax_fns[part](), np.float32)
     out[part] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
   return out
 
@@ -126,12 +138,12 @@ def run(cfg) -> dict:
   rows = []
   for shape, count in conv_shapes(structure).items():
     ops = operands(shape, batch)
-    fns = {("jax", p): f for p, f in jax_parts(shape, *ops).items()}
-    fns.update({("jax+ynn", p): f for p, f in jax_parts(shape, *ops, xla_defaults=True).items()})
-    diff = None
+    fns = {(fw, p): f for fw, (defaults, dtype) in JAX_FRAMEWORKS.items()
+           for p, f in jax_parts(shape, *ops, xla_defaults=defaults, dtype=dtype).items()}
+    diff = {}
     if cfg.use_torch:
       tfns = torch_parts(shape, *ops)
-      diff = max_rel_diff({p: fns[("jax", p)] for p in PARTS}, tfns)
+      diff = {fw: max_rel_diff({p: fns[(fw, p)] for p in PARTS}, tfns) for fw in JAX_FRAMEWORKS}
       fns.update({("torch", p): f for p, f in tfns.items()})
     stats = measure_round_robin(fns, warmup=max(cfg.warmup, 1), reps=cfg.conv_reps)
     hw, cin, cout, k, s = shape
@@ -140,7 +152,8 @@ def run(cfg) -> dict:
       rows.append({"model": arch, "batch": batch, "hw": hw, "c_in": cin, "c_out": cout,
                    "kernel": k, "stride": s, "layers": count, "framework": framework,
                    "part": part, **st, "gflops_per_s": flops / st["median_s"] / 1e9,
-                   "max_rel_diff_vs_torch": diff[part] if diff else None})
+                   "max_rel_diff_vs_torch": diff[framework][part] if framework in diff
+                                            else None})
     print(f"conv {hw}x{hw} {cin}->{cout} k{k} s{s} x{count}: " + ", ".join(
         f"{fw} {p} {1e3 * st['median_s']:.2f} ms" for (fw, p), st in stats.items()), flush=True)
   config = {"model": arch, "batch": batch, "reps": cfg.conv_reps, "warmup": cfg.warmup}

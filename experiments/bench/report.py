@@ -12,16 +12,18 @@ from pathlib import Path
 from experiments.bench import common
 
 ORDER = ("compile_time", "compile_time_options", "step_time", "step_time_resnet20_vgg16",
-         "conv_parts", "tiny_conv", "hrank", "evolution", "compacted")
+         "step_time_bf16", "step_time_bf16_resnet20_vgg16", "step_profile", "conv_parts",
+         "tiny_conv", "hrank", "evolution", "compacted")
 
 
 def render(path: Path) -> str:
   """The table and run note of one result file."""
   from experiments.bench import (compacted, compile_time, conv_parts, evolution, hrank,
-                                 step_time, tiny_conv)
+                                 step_profile, step_time, tiny_conv)
   tables = {"compile_time": compile_time.table, "step_time": step_time.table,
             "hrank": hrank.table, "evolution": evolution.table, "compacted": compacted.table,
-            "tiny_conv": tiny_conv.table, "conv_parts": conv_parts.table}
+            "tiny_conv": tiny_conv.table, "conv_parts": conv_parts.table,
+            "step_profile": step_profile.table}
   res = json.loads(path.read_text())
   return tables[res["workload"]](res) + "\n" + common.run_note(res)
 

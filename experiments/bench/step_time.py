@@ -48,8 +48,8 @@ def _jax_variants(cfg, model, variables, x, y) -> dict[str, Callable]:
   fns = {}
   xj = jnp.asarray(x)
   for name in ["jax.jit", *cfg.jax_variants]:
-    step, state = setups.jax_train(model, variables, variants.train_step_fn(name),
-                                   variants.xla_defaults(name))
+    step, state = setups.jax_train(variants.model_for(name, model), variables,
+                                   variants.train_step_fn(name), variants.xla_defaults(name))
     fns[f"train/{name}"] = setups.JaxStepper(step, state, x, y)
   for name in ["jax.jit", *(n for n in cfg.jax_variants if n == "jax.jit+ynn")]:
     infer = setups.jax_infer(model, variants.xla_defaults(name))
