@@ -92,12 +92,11 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
            feature_group_count: int = 1, preferred_element_type: Any = None) -> Array:
   """NHWC/HWIO convolution ``[N, H, W, C_in] -> [N, H', W', C_out]``.
 
-  ``preferred_element_type``: the accumulation and result dtype (``None``: the
-  operands'); bfloat16 operands with ``jnp.float32`` accumulate in float32.
-
   ``lax.conv_general_dilated``, except that a dense stride-1 convolution with
   explicit padding whose output has at most :data:`TINY_MAP_PIXELS` pixels runs as
   :func:`conv_taps_matmul` (same result to float rounding, much faster on XLA:CPU).
+  ``preferred_element_type``: the accumulation and result dtype (``None``: the
+  operands'); bfloat16 operands with ``jnp.float32`` accumulate in float32.
   """
   explicit = not isinstance(padding, str)
   if explicit and tuple(strides) == (1, 1) and feature_group_count == 1:
