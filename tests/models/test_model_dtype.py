@@ -73,6 +73,11 @@ def test_bfloat16_logits_and_gradients_stay_near_float32(name, abstract_model, r
   assert cosine > 0.99, cosine
 
 
+def test_train_config_lists_the_model_dtypes():
+  from picpq_jax.train.config import DTYPES as CONFIG_DTYPES  # kept free of jax imports
+  assert CONFIG_DTYPES == DTYPES
+
+
 def test_unknown_dtype_is_refused():
   with pytest.raises(UserError, match="unknown compute dtype 'float16'.*float32, bfloat16"):
     get_model("resnet8", dtype="float16")
