@@ -56,15 +56,18 @@ def _options(xla_defaults: bool) -> dict[str, str] | None:
 
 def jax_train(model, variables, step_fn: Callable = train_step,
               xla_defaults: bool = False,
-              options: dict[str, Any] | None = None) -> tuple[Callable, Any]:
+              extra_options: dict[str, Any] | None = None) -> tuple[Callable, Any]:
   """``(step, state)``: ``step(state, images, labels) -> (state, metrics)`` jitted with
   the state donated, and a fresh train state. ``step_fn`` has
   :func:`~picpq_jax.train.steps.train_step`'s signature. Compiled with the library's
-  XLA options (:mod:`picpq_jax.compile_options`), XLA's defaults, or, when given,
-  ``options``."""
+  XLA options (:mod:`picpq_jax.compile_options`), or XLA's defaults, plus
+  ``extra_options`` if given."""
   tx = sgd_nesterov(LR, MOMENTUM, WEIGHT_DECAY)
+  options = _options(xla_defaults)
+  if extra_options:
+    options = {**(options or {}), **extra_options}
   step = jax.jit(functools.partial(step_fn, model=model, tx=tx), donate_argnums=0,
-                 compiler_options=_options(xla_defaults) if options is None else options)
+                 compiler_options=options)
   own = jax.tree_util.tree_map(jnp.copy, variables)  # the step donates (deletes) these
   return step, create_train_state(own, tx)
 

@@ -123,17 +123,15 @@ def run(cfg) -> dict:
   import jax
   import jax.numpy as jnp
   from experiments.bench import variants
-  from picpq_jax import compile_options
   load_start = common.loadavg()
   arch, batch = cfg.profile_model, cfg.profile_batch
   model, variables, _ = setups.jax_model(arch)
   x, y = setups.random_batch(batch)
   rows, profiles = [], {}
   for name in ["jax.jit", *cfg.jax_variants]:
-    base = None if variants.xla_defaults(name) else compile_options.compiler_options()
-    options = {**(base or {}), "xla_cpu_enable_xprof_traceme": True}
     step, state = setups.jax_train(variants.model_for(name, model), variables,
-                                   variants.train_step_fn(name), options=options)
+                                   variants.train_step_fn(name), variants.xla_defaults(name),
+                                   extra_options={"xla_cpu_enable_xprof_traceme": True})
     compiled = step.lower(state, jnp.asarray(x), jnp.asarray(y)).compile()
     stepper = setups.JaxStepper(compiled, state, x, y)
     for _ in range(max(cfg.warmup, 1)):

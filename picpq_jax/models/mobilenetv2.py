@@ -102,8 +102,7 @@ class InvertedResidual(nn.Module):
     hidden = y.shape[-1]
     y = QConv(hidden, strides=(self.stride, self.stride), feature_group_count=hidden,
               in_group=hidden_group, out_group=hidden_group, quantizer=self.quantizer,
-              dtype=self.dtype,
-              name="dw_conv")(y)
+              dtype=self.dtype, name="dw_conv")(y)
     y = nn.relu6(batch_norm(train, "dw_bn")(y)) * hidden_mask
     y = QConv(self.features, kernel_size=(1, 1), in_group=hidden_group,
               out_group=self.out_group, quantizer=self.quantizer,

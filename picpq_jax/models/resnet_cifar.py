@@ -190,8 +190,7 @@ class CifarResNet(nn.Module):
           x = BasicBlock(
               width, stride=2 if (s > 0 and b == 0) else 1, in_group=in_group,
               mid_group=f"{name}_mid", out_group=f"stage{s + 1}", quantizer=self.quantizer,
-              dtype=self.dtype,
-              mid_features=mid,
+              dtype=self.dtype, mid_features=mid,
               shortcut_index=maps[s - 1] if (maps and s > 0 and b == 0) else None,
               name=name)(x, channel_mask(self, f"{name}_mid", mid), stream[s], train)
         in_group = f"stage{s + 1}"

@@ -92,8 +92,7 @@ class CifarVGG(nn.Module):
       width = group_width(self.group_sizes, name, v)
       if in_span(self.span, piece):
         x = ConvBNReLU(width, in_group=group, out_group=name, quantizer=self.quantizer,
-                       dtype=self.dtype,
-                       name=f"layer{convs}")(x, channel_mask(self, name, width), train)
+                       dtype=self.dtype, name=f"layer{convs}")(x, channel_mask(self, name, width), train)
       group = name
     if in_span(self.span, piece):
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
