@@ -8,6 +8,7 @@ Examples (from the repository root)::
   python -m experiments.bench --workloads compile --compile-models resnet20,resnet56,vgg16
   python -m experiments.bench --workloads convs --conv-model resnet56
   python -m experiments.bench --workloads profile --jax-variants jax.jit+materialized
+  python -m experiments.bench --workloads accuracy --jax-variants jax.jit+reduce,jax.jit+bf16
 
 Each workload writes ``<out-dir>/<workload>.json`` (see ``common.result``). PyTorch
 parts run when ``torch`` is importable, unless ``--no-torch``.
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from experiments.bench import common
 
-WORKLOADS = ("compile", "step", "hrank", "evolution", "compact", "convs", "profile")
+WORKLOADS = ("compile", "step", "hrank", "evolution", "compact", "convs", "profile",
+             "accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,8 @@ class BenchConfig:
   # 7 train-step profile
   profile_model: str = "resnet56"
   profile_batch: int = 128
+  # 8 gradient accuracy
+  accuracy_batch: int = 32
 
 
 QUICK = dict(
@@ -77,7 +81,7 @@ QUICK = dict(
     hrank_model="resnet8", hrank_batches=2, hrank_batch_size=4, hrank_image_size=8,
     evo_model="resnet8", evo_children=2, evo_tau_hat=1, evo_batch=8, evo_val_size=8,
     evo_strategies=("map",), compact_model="resnet8", conv_model="resnet8", conv_batch=8,
-    conv_reps=1, profile_model="resnet8", profile_batch=8)
+    conv_reps=1, profile_model="resnet8", profile_batch=8, accuracy_batch=8)
 
 
 def _csv(kind):
@@ -158,11 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
   argv = sys.argv[1:] if argv is None else list(argv)
   common.COMMAND[:] = argv
   cfg, workloads, out_dir = parse(argv)
-  from experiments.bench import (compacted, compile_time, conv_parts, evolution, hrank,
-                                 step_profile, step_time)
+  from experiments.bench import (compacted, compile_time, conv_parts, evolution,
+                                 grad_accuracy, hrank, step_profile, step_time)
   modules = {"compile": compile_time, "step": step_time, "hrank": hrank,
              "evolution": evolution, "compact": compacted, "convs": conv_parts,
-             "profile": step_profile}
+             "profile": step_profile, "accuracy": grad_accuracy}
   written = {}
   for name in workloads:
     result = modules[name].run(cfg)

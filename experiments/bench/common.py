@@ -55,8 +55,10 @@ def cpu_model() -> str:
 
 
 def environment() -> dict[str, Any]:
-  """Versions (python, jax, jaxlib, flax, numpy, torch), JAX device, CPU, date."""
+  """Versions (python, jax, jaxlib, flax, numpy, torch), JAX device, CPU and its
+  vector extensions, the library's XLA option set, date."""
   import jax
+  from picpq_jax import compile_options
   return {
       "versions": {"python": platform.python_version(), "jax": _version("jax"),
                    "jaxlib": _version("jaxlib"), "flax": _version("flax"),
@@ -64,6 +66,8 @@ def environment() -> dict[str, Any]:
       "jax_device": str(jax.devices()[0]),
       "jax_backend": jax.default_backend(),
       "cpu_model": cpu_model(),
+      "cpu_vector_extensions": compile_options.vector_extensions(),
+      "xla_cpu_options": compile_options.selected(),
       "cpu_count": os.cpu_count(),
       "torch_threads": _torch_threads(),
       "platform": platform.platform(),
@@ -176,7 +180,11 @@ def markdown_table(title: str, header: list[str], lines: list[list[Any]]) -> str
 
 
 def run_note(res: dict[str, Any]) -> str:
-  """One line under a table: date, command, load average at start and end."""
+  """One line under a table: date, command, CPU with its vector extensions (runs
+  saved before they were recorded say so), load average at start and end."""
   env = res["environment"]
-  return (f"{env['date']}, `{env['command']}`, {env['cpu_model']} ({env['cpu_count']} CPUs), "
-          f"load average {res['loadavg_start'][0]} -> {res['loadavg_end'][0]}\n")
+  isa = env.get("cpu_vector_extensions")
+  isa = ", ".join(isa) if isa is not None else "vector extensions not recorded"
+  return (f"{env['date']}, `{env['command']}`, {env['cpu_model']} ({isa}; "
+          f"{env['cpu_count']} CPUs), load average {res['loadavg_start'][0]} -> "
+          f"{res['loadavg_end'][0]}\n")

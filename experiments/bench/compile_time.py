@@ -37,7 +37,7 @@ def _child_jax(arch: str, batch: int, variant: str) -> dict:
   from experiments.bench import setups, variants
   model, variables, _ = setups.jax_model(arch)
   step, state = setups.jax_train(model, variables, variants.train_step_fn(variant),
-                                 variants.xla_defaults(variant))
+                                 variants.option_set(variant))
   x, y = (jax.numpy.asarray(a) for a in setups.random_batch(batch))
   t0 = time.perf_counter()
   lowered = step.lower(state, x, y)

@@ -9,8 +9,9 @@ output requested). Each part's time times the number of layers of that shape, su
 over the network, is what a train step spends in that part if nothing else ran:
 comparing the two frameworks' sums separates the convolution kernels themselves
 from how the whole step is laid out and fused (the ``step`` workload). ``jax`` is
-compiled with the library's XLA options (:mod:`picpq_jax.compile_options`),
-``jax+ynn`` with XLA:CPU's defaults (YNNPACK fusions). With PyTorch,
+compiled with the library's XLA options for this CPU
+(:mod:`picpq_jax.compile_options`), ``jax+xla`` with XLA's defaults (results saved
+before 2026-12-06 name them ``jax+ynn``). With PyTorch,
 each JAX part's result is also checked against PyTorch's (``max_rel_diff_vs_torch``).
 ``jax+bf16`` is ``jax`` with bfloat16 operands and results (the issue's "bf16
 inputs with fp32 accumulation" on an AVX-512-BF16 CPU): it shows whether XLA:CPU's
@@ -33,7 +34,6 @@ import numpy as np
 
 from experiments.bench import common, setups
 from experiments.bench.step_time import measure_round_robin
-from picpq_jax import compile_options
 from picpq_jax.models import layers
 
 PARTS = ("fwd", "dgrad", "wgrad")
@@ -65,24 +65,22 @@ def operands(shape: ConvShape, batch: int) -> tuple[np.ndarray, np.ndarray, np.n
           rng.standard_normal((batch, out_hw, out_hw, cout), dtype=np.float32))
 
 
-# JAX variants of each part: name -> (XLA's defaults instead of the library's options,
-# operand dtype).
-JAX_FRAMEWORKS = {"jax": (False, jnp.float32), "jax+ynn": (True, jnp.float32),
-                  "jax+bf16": (False, jnp.bfloat16)}
+# JAX variants of each part: name -> (option set, None for the library's; operand dtype).
+JAX_FRAMEWORKS = {"jax": (None, jnp.float32), "jax+xla": ("xla", jnp.float32),
+                  "jax+bf16": (None, jnp.bfloat16)}
 
 
-def jax_parts(shape: ConvShape, x, w, g, xla_defaults: bool = False,
+def jax_parts(shape: ConvShape, x, w, g, option_set: str | None = None,
               dtype=jnp.float32) -> dict[str, Callable[[], np.ndarray]]:
   """``{part: fn}``: one conv's forward, input and weight gradient in JAX, each
   returning its result (NHWC, NHWC, HWIO) once computed; compiled with the library's
-  XLA options (:mod:`picpq_jax.compile_options`) or, with ``xla_defaults``, XLA's.
+  XLA options (:mod:`picpq_jax.compile_options`) or the named ``option_set``.
   The operands are cast to ``dtype`` once, outside the timed calls, and the results
   come out in ``dtype``."""
   _, _, _, k, s = shape
   x, w, g = (jnp.asarray(a, dtype) for a in (x, w, g))
   conv = functools.partial(layers.conv2d, strides=(s, s), padding=_padding(k))
-  jit = functools.partial(jax.jit, compiler_options=None if xla_defaults
-                          else compile_options.compiler_options())
+  jit = functools.partial(jax.jit, compiler_options=setups.compiler_options(option_set))
   fwd = jit(conv)
   dgrad = jit(lambda w, g: jax.linear_transpose(lambda x: conv(x, w), x)(g)[0])
   wgrad = jit(lambda x, g: jax.linear_transpose(lambda w: conv(x, w), w)(g)[0])
@@ -138,8 +136,8 @@ def run(cfg) -> dict:
   rows = []
   for shape, count in conv_shapes(structure).items():
     ops = operands(shape, batch)
-    fns = {(fw, p): f for fw, (defaults, dtype) in JAX_FRAMEWORKS.items()
-           for p, f in jax_parts(shape, *ops, xla_defaults=defaults, dtype=dtype).items()}
+    fns = {(fw, p): f for fw, (option_set, dtype) in JAX_FRAMEWORKS.items()
+           for p, f in jax_parts(shape, *ops, option_set=option_set, dtype=dtype).items()}
     diff = {}
     if cfg.use_torch:
       tfns = torch_parts(shape, *ops)

@@ -50,20 +50,23 @@ def infer_flops(structure, batch: int) -> float:
   return 2.0 * structure.macs * batch
 
 
-def _options(xla_defaults: bool) -> dict[str, str] | None:
-  return None if xla_defaults else compile_options.compiler_options()
+def compiler_options(option_set: str | None) -> dict[str, str] | None:
+  """The named option set's ``compiler_options``, or the library's for ``None``."""
+  if option_set is None:
+    return compile_options.compiler_options()
+  return compile_options.OPTION_SETS[option_set] or None
 
 
 def jax_train(model, variables, step_fn: Callable = train_step,
-              xla_defaults: bool = False,
+              option_set: str | None = None,
               extra_options: dict[str, Any] | None = None) -> tuple[Callable, Any]:
   """``(step, state)``: ``step(state, images, labels) -> (state, metrics)`` jitted with
   the state donated, and a fresh train state. ``step_fn`` has
   :func:`~picpq_jax.train.steps.train_step`'s signature. Compiled with the library's
-  XLA options (:mod:`picpq_jax.compile_options`), or XLA's defaults, plus
+  XLA options (:mod:`picpq_jax.compile_options`), or the named ``option_set``, plus
   ``extra_options`` if given."""
   tx = sgd_nesterov(LR, MOMENTUM, WEIGHT_DECAY)
-  options = _options(xla_defaults)
+  options = compiler_options(option_set)
   if extra_options:
     options = {**(options or {}), **extra_options}
   step = jax.jit(functools.partial(step_fn, model=model, tx=tx), donate_argnums=0,
@@ -72,11 +75,11 @@ def jax_train(model, variables, step_fn: Callable = train_step,
   return step, create_train_state(own, tx)
 
 
-def jax_infer(model, xla_defaults: bool = False) -> Callable:
+def jax_infer(model, option_set: str | None = None) -> Callable:
   """``infer(variables, images) -> logits``, jitted (options as :func:`jax_train`),
   BN in inference mode."""
   return jax.jit(functools.partial(model.apply, train=False),
-                 compiler_options=_options(xla_defaults))
+                 compiler_options=compiler_options(option_set))
 
 
 class JaxStepper:

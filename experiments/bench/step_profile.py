@@ -130,7 +130,7 @@ def run(cfg) -> dict:
   rows, profiles = [], {}
   for name in ["jax.jit", *cfg.jax_variants]:
     step, state = setups.jax_train(variants.model_for(name, model), variables,
-                                   variants.train_step_fn(name), variants.xla_defaults(name),
+                                   variants.train_step_fn(name), variants.option_set(name),
                                    extra_options={"xla_cpu_enable_xprof_traceme": True})
     compiled = step.lower(state, jnp.asarray(x), jnp.asarray(y)).compile()
     stepper = setups.JaxStepper(compiled, state, x, y)

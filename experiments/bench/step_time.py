@@ -11,8 +11,8 @@ Variants (``kind/framework``): ``train/jax.jit`` (the library's train step,
 state donated), ``train/torch.eager``, ``train/torch.compile`` (the whole step
 compiled), and ``infer/...`` likewise (BN in inference mode, no autograd). Extra
 JAX train-step variants (performance switches, ``experiments.bench.variants``) are
-added with ``--jax-variants``; with ``jax.jit+ynn`` among them, inference is also
-timed with XLA's default options (``infer/jax.jit+ynn``).
+added with ``--jax-variants``; with ``jax.jit+xla`` or ``jax.jit+reduce`` among them,
+inference is also timed with that option set (``infer/jax.jit+xla``, ...).
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def _jax_variants(cfg, model, variables, x, y) -> dict[str, Callable]:
   xj = jnp.asarray(x)
   for name in ["jax.jit", *cfg.jax_variants]:
     step, state = setups.jax_train(variants.model_for(name, model), variables,
-                                   variants.train_step_fn(name), variants.xla_defaults(name))
+                                   variants.train_step_fn(name), variants.option_set(name))
     fns[f"train/{name}"] = setups.JaxStepper(step, state, x, y)
-  for name in ["jax.jit", *(n for n in cfg.jax_variants if n == "jax.jit+ynn")]:
-    infer = setups.jax_infer(model, variants.xla_defaults(name))
+  for name in ["jax.jit", *(n for n in cfg.jax_variants if n in ("jax.jit+xla",
+                                                                 "jax.jit+reduce"))]:
+    infer = setups.jax_infer(model, variants.option_set(name))
     fns[f"infer/{name}"] = lambda infer=infer: jax.block_until_ready(infer(variables, xj))
   return fns
 

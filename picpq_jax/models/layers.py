@@ -88,6 +88,13 @@ def conv_taps_matmul(x: Array, kernel: Array, padding: Any,
                  preferred_element_type=preferred_element_type)
 
 
+def accumulation_dtype(dtype: Any) -> Any:
+  """The dtype a conv or dense product of ``dtype`` operands accumulates and returns
+  in: float32 for bfloat16 and float32 operands, float64 for float64 ones (a float64
+  model, under ``jax.enable_x64``, is the reference the tests compare gradients to)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
            feature_group_count: int = 1, preferred_element_type: Any = None) -> Array:
   """NHWC/HWIO convolution ``[N, H, W, C_in] -> [N, H', W', C_out]``.
@@ -176,7 +183,8 @@ class QConv(nn.Module):
     if padding is None:
       padding = [(k // 2, k // 2) for k in self.kernel_size]
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
-               self.feature_group_count, preferred_element_type=jnp.float32)
+               self.feature_group_count,
+               preferred_element_type=accumulation_dtype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y
@@ -203,7 +211,7 @@ class QDense(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape, jnp.float32)
     x, kernel = _quantize_operands(self, x, kernel)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32)
+                preferred_element_type=accumulation_dtype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from picpq_jax import compile_options
 from picpq_jax.errors import UserError
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 from picpq_jax.models.mobilenetv2 import MobileNetV2
@@ -59,6 +60,8 @@ def get_model(name: str, num_classes: int | None = None,
   spec = get_spec(name)
   if dtype not in DTYPES:
     raise UserError(f"unknown compute dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+  if dtype == "bfloat16":
+    compile_options.warn_if_bf16_emulated()
   return spec.build(num_classes=num_classes or spec.num_classes, quantizer=quantizer,
                     dtype=dtype)
 

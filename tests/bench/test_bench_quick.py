@@ -19,7 +19,7 @@ import pytest
 
 from experiments.bench import common
 from experiments.bench.__main__ import main, parse
-from picpq_jax import models
+from picpq_jax import compile_options, models
 from picpq_jax.compress.compact import kept_channels
 
 TORCH = common.torch_available()
@@ -133,20 +133,25 @@ def _check_timing(row: dict) -> None:
   assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
 
 
-def test_quick_suite_writes_every_workload(tmp_path):
+def test_quick_suite_writes_every_workload(tmp_path, monkeypatch):
+  # the same option set on every CPU: the profile counts XLA's own convolution thunks,
+  # which XLA's defaults would hand to YNNPACK fusions
+  monkeypatch.setenv(compile_options.ENV, "ynn-reduce")
   argv = ["--quick", "--out-dir", str(tmp_path)] + ([] if TORCH else ["--no-torch"])
   written = main(argv)
   assert set(written) == {"compile", "step", "hrank", "evolution", "compact", "convs",
-                          "profile"}
+                          "profile", "accuracy"}
   results = {name: json.loads(path.read_text()) for name, path in written.items()}
   for name, res in results.items():
     assert res["schema"] == common.SCHEMA_VERSION and res["rows"], name
     env = res["environment"]
     assert set(env["versions"]) >= {"python", "jax", "jaxlib", "flax", "torch"}
     assert env["versions"]["jax"] == jax.__version__ and env["cpu_model"]
+    assert env["cpu_vector_extensions"] == compile_options.vector_extensions()
     assert len(res["loadavg_start"]) == 3 and len(res["loadavg_end"]) == 3
     assert "--quick" in env["command"]
-    for row in res["rows"] if name != "profile" else ():  # the profile sums traced thunks
+    untimed = ("profile", "accuracy")  # the profile sums traced thunks; accuracy times nothing
+    for row in res["rows"] if name not in untimed else ():
       _check_timing(row)
 
   frameworks = {r["framework"] for r in results["compile"]["rows"]}
@@ -187,7 +192,7 @@ def test_quick_suite_writes_every_workload(tmp_path):
   assert layers == {(32, 3, 16, 3, 1): 1, (32, 16, 16, 3, 1): 2, (32, 16, 32, 3, 2): 1,
                     (16, 32, 32, 3, 1): 1, (16, 32, 64, 3, 2): 1, (8, 64, 64, 3, 1): 1}
   assert {(r["framework"], r["part"]) for r in convs["rows"]} >= {
-      (fw, part) for fw in ("jax", "jax+ynn", "jax+bf16") for part in ("fwd", "dgrad", "wgrad")}
+      (fw, part) for fw in ("jax", "jax+xla", "jax+bf16") for part in ("fwd", "dgrad", "wgrad")}
   if TORCH:  # JAX's forward, input and weight gradients equal PyTorch's (bf16: to its rounding)
     for r in convs["rows"]:
       if r["framework"] == "jax+bf16":
@@ -200,6 +205,9 @@ def test_quick_suite_writes_every_workload(tmp_path):
   assert (calls["conv fwd"], calls["conv dgrad"], calls["conv wgrad"]) == (7, 6, 7)
   assert all(r["ms_per_step"] >= 0 for r in prof["rows"])
   assert sum(r["ms_per_step"] for r in prof["rows"]) > 0
+
+  accuracy = results["accuracy"]["rows"]  # the library's float32 step: float64's gradient
+  assert [r["variant"] for r in accuracy] == ["jax.jit"] and accuracy[0]["gradient_error"] < 1e-4
 
   comp = results["compact"]
   assert comp["max_logit_diff"] < 1e-4
