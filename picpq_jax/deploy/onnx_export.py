@@ -359,16 +359,22 @@ def build_onnx(model: nn.Module, variables: Mapping[str, Any], mean, std,
   return proto
 
 
-def export_onnx(path: str | os.PathLike, model: nn.Module, variables: Mapping[str, Any],
-                mean, std, input_shape: tuple[int, int, int] = (32, 32, 3)) -> int:
-  """Writes :func:`build_onnx`'s model to ``path``; returns the file's size in bytes."""
-  proto = build_onnx(model, variables, mean, std, input_shape,
-                     name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
+def write_file(path: str | os.PathLike, data: bytes) -> int:
+  """Writes ``data`` to ``path`` through a temporary file and ``os.replace``; returns
+  the size in bytes."""
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise UserError(f"cannot export to {path}: folder {folder} does not exist; create it")
   tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
-    f.write(proto.SerializeToString())
+    f.write(data)
   os.replace(tmp, path)
   return os.path.getsize(path)
+
+
+def export_onnx(path: str | os.PathLike, model: nn.Module, variables: Mapping[str, Any],
+                mean, std, input_shape: tuple[int, int, int] = (32, 32, 3)) -> int:
+  """Writes :func:`build_onnx`'s model to ``path``; returns the file's size in bytes."""
+  proto = build_onnx(model, variables, mean, std, input_shape,
+                     name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
+  return write_file(path, proto.SerializeToString())

@@ -91,14 +91,7 @@ def export_stablehlo(path: str | os.PathLike, model: nn.Module, variables: Mappi
   batch, = jax.export.symbolic_shape("N")
   spec = jax.ShapeDtypeStruct((batch, *input_shape), jnp.uint8)
   exported = jax.export.export(function, platforms=platforms)(spec)
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise UserError(f"cannot export to {path}: folder {folder} does not exist; create it")
-  tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(exported.serialize())
-  os.replace(tmp, path)
-  return os.path.getsize(path)
+  return onnx_export.write_file(path, exported.serialize())
 
 
 def load_stablehlo(path: str | os.PathLike) -> jax.export.Exported:
