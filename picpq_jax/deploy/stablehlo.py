@@ -98,7 +98,12 @@ def load_stablehlo(path: str | os.PathLike) -> jax.export.Exported:
   """The ``jax.export.Exported`` in ``path``; call it with ``.call(images)``."""
   try:
     with open(path, "rb") as f:
-      return jax.export.deserialize(bytearray(f.read()))
-  except (OSError, ValueError, TypeError) as e:
-    raise UserError(f"cannot read {path} as a jax.export artifact ({e}); export it again"
+      data = bytearray(f.read())
+  except OSError as e:
+    raise UserError(f"cannot read {path} ({e.strerror}); pass a file `picpq export` wrote"
                     ) from None
+  try:
+    return jax.export.deserialize(data)
+  except Exception:  # pylint: disable=broad-except  # flatbuffers raises struct.error etc.
+    raise UserError(f"{path} is not a jax.export artifact (or one this JAX cannot read); "
+                    "export it again") from None

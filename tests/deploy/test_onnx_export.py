@@ -11,53 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from picpq_jax.compress.compact import compact, zero_pruned_weights
 from picpq_jax.compress.quantizers import LSQ, PACT, DoReFa
 from picpq_jax.data import channel_stats, load_embedded, normalize
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model, model_structure
 from picpq_jax.models.vgg import CifarVGG
 from tests.compress.test_compact import _random_masks
-from tests.compress.test_export import _initial_qparams
+from tests.deploy.helpers import compacted as _compacted
 from tests.models.conftest import random_variables
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from picpq_jax.deploy.onnx_export import build_onnx  # pylint: disable=wrong-import-position
-
-BITS = (2, 3, 4, 5, 6, 8)
-
-
-@pytest.fixture(scope="module")
-def images(cache_dir):
-  """16 real CIFAR-10 images (uint8 [16, 32, 32, 3]) and the subset's mean and std."""
-  data = load_embedded(cache_dir)
-  mean, std = channel_stats(data.images)
-  return data.images[::311][:16], np.asarray(mean), np.asarray(std)
-
-
-def _plan_bits(quant, full=("stem_conv", "head")):
-  """Every layer but ``full`` at a bit-width from :data:`BITS` (by position), w == a."""
-  leaves = jax.tree_util.tree_leaves_with_path(quant)
-  layers = sorted({"/".join(k.key for k in path[:-1]) for path, _ in leaves})
-  chosen = {l: 32 if l.split("/")[0] in full else BITS[i % len(BITS)]
-            for i, l in enumerate(layers)}
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: jnp.asarray(chosen["/".join(k.key for k in p[:-1])], jnp.int32), quant)
-
-
-def _compacted(model, seed: int):
-  """A pruned (random masks), bit-assigned, compacted model and its variables."""
-  structure = model_structure(model, (32, 32, 3))
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  variables = random_variables(jax.eval_shape(model.init, jax.random.key(0), x), seed)
-  variables["params"] = _initial_qparams(variables["params"], model.quantizer)
-  variables["quant"] = _plan_bits(variables["quant"])
-  variables["masks"] = _random_masks(structure, seed)
-  variables = zero_pruned_weights(variables, structure)
-  return compact(model, variables, structure)
-
 
 def _run(proto, images):
   session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
