@@ -7,7 +7,8 @@ generic converter), in NCHW as ONNX runtimes expect:
   casts, normalizes ``(x / 255 - mean) / std`` (:func:`picpq_jax.data.normalize`)
   and transposes to NCHW; output ``logits``: float32 ``[N, classes]``.
 * a conv/dense layer with ``w_bits < 32``: its fake-quantized kernel is stored as
-  integer codes ``q`` (int8 up to 8 bits, int16 up to 16, else int32) with one
+  integer codes ``q`` (int4 up to 4 bits, packed two a byte; int8 up to 8, int16
+  up to 16, else int32) with one
   float scale ``s``, ``w = s * q`` (:func:`~picpq_jax.compress.export.weight_codes`;
   DoReFa's ``k``-bit weights are ``q / (2^(k-1) - 1)``, ``|q| <= 2^(k-1) - 1``),
   and read through ``DequantizeLinear``;
@@ -41,6 +42,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from picpq_jax.compress.export import Prequantized, weight_codes
@@ -194,12 +196,15 @@ def quantized_kernel(ctx: Context, layer: str) -> tuple[np.ndarray, np.float32] 
 
 def _kernel(g: _Graph, ctx: Context, layer: str, to_onnx: tuple[int, ...]) -> str:
   """The layer's kernel in ONNX layout (``transpose(to_onnx)``): float32, or integer
-  codes through DequantizeLinear when ``w_bits < 32``."""
+  codes (int4 at up to 4 bits, else :func:`_int_dtype`'s) through DequantizeLinear
+  when ``w_bits < 32``."""
   quantized = quantized_kernel(ctx, layer)
   if quantized is None:
     kernel = np.asarray(ctx.flat[f"params/{layer}/kernel"], np.float32)
     return g.const(f"{layer}/kernel", kernel.transpose(to_onnx))
   codes, scale = quantized
+  if _bits(ctx, layer, "w_bits") <= 4:  # two codes a byte in the file
+    codes = codes.astype(ml_dtypes.int4)
   q = g.const(f"{layer}/kernel_q", np.ascontiguousarray(codes.transpose(to_onnx)))
   s = g.const(f"{layer}/kernel_scale", np.asarray(scale, np.float32))
   zero = g.const(f"{layer}/kernel_zero_point", np.zeros((), codes.dtype))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from picpq_jax.compress.quantizers import LSQ, PACT, DoReFa
-from picpq_jax.data import channel_stats, load_embedded, normalize
+from picpq_jax.data import normalize
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model, model_structure
 from picpq_jax.models.vgg import CifarVGG
@@ -69,7 +70,8 @@ def test_float_model_matches_to_float_rounding(images):
 
 
 def test_integer_weights_and_activations_at_the_planned_bits(images):
-  """Each quantized kernel is int8 codes ``round(n tanh(W) / max|tanh W|)``,
+  """Each quantized kernel is int4 (up to 4 bits) or int8 codes
+  ``round(n tanh(W) / max|tanh W|)``,
   ``n = 2^(k-1) - 1`` (numpy, from the compacted float kernel), scale ``1/n``, read
   by DequantizeLinear; each quantized input is Clip(0, 1) * (2^k - 1) into a
   uint8 QuantizeLinear; full-precision layers keep float32 kernels."""
@@ -90,7 +92,9 @@ def test_integer_weights_and_activations_at_the_planned_bits(images):
     t = np.tanh(kernel)
     codes = np.round(t / np.abs(t).max() * n)
     got = inits[f"{layer}/kernel_q"]
-    assert got.dtype == np.int8 and np.abs(got).max() <= n
+    assert got.dtype == (ml_dtypes.int4 if k <= 4 else np.int8)
+    got = got.astype(np.int64)
+    assert np.abs(got).max() <= n
     onnx_layout = (3, 2, 0, 1) if kernel.ndim == 4 else (0, 1)
     np.testing.assert_array_equal(got, codes.transpose(onnx_layout))
     np.testing.assert_allclose(inits[f"{layer}/kernel_scale"], 1 / n, rtol=1e-6)

@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 
 from picpq_jax.compress.quantizers import DoReFa
-from picpq_jax.data import channel_stats, load_embedded, normalize
+from picpq_jax.data import normalize
 from picpq_jax.deploy.stablehlo import PLATFORMS, export_stablehlo, load_stablehlo
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model
 from tests.deploy.helpers import compacted
-
-
-@pytest.fixture(scope="module")
-def images(cache_dir):
-  data = load_embedded(cache_dir)
-  mean, std = channel_stats(data.images)
-  return data.images[::311][:16], np.asarray(mean), np.asarray(std)
 
 
 def test_round_trip_at_two_batch_sizes(tmp_path, images):
