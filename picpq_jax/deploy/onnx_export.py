@@ -308,8 +308,8 @@ def _check_supported(model: nn.Module) -> None:
       raise UserError("ONNX export of a VGG whose cfg ends with a pool is not supported")
     return
   raise UserError(f"ONNX export supports {', '.join(SUPPORTED)}, not "
-                  f"{type(model).__name__}; use the StableHLO export (export_stablehlo) "
-                  "for it")
+                  f"{type(model).__name__}; export it as StableHLO (picpq export --formats "
+                  "stablehlo, or export_stablehlo)")
 
 
 def build_onnx(model: nn.Module, variables: Mapping[str, Any], mean, std,
