@@ -81,14 +81,22 @@ def latencies(predictors: dict[str, object], images: np.ndarray, batches: tuple[
   return samples
 
 
-def op_profile(path: str, images: np.ndarray, threads: int, runs: int = 10) -> dict[str, float]:
-  """Milliseconds per run spent in each ONNX op type (onnxruntime's profiler), sorted."""
+def op_profile(path: str, images: np.ndarray, threads: int, runs: int = 10
+               ) -> tuple[dict[str, float], dict[str, int]]:
+  """Milliseconds per run spent in each ONNX op type (onnxruntime's profiler), sorted,
+  and the op counts of the graph onnxruntime runs after its optimizations."""
+  import onnx  # pylint: disable=import-outside-toplevel
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   options = ort.SessionOptions()
   options.intra_op_num_threads = threads
   options.enable_profiling = True
   options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+  optimized = os.path.join(os.path.dirname(path), "optimized.onnx")
+  options.optimized_model_filepath = optimized
   session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  counts: dict[str, int] = {}
+  for node in onnx.load(optimized).graph.node:
+    counts[node.op_type] = counts.get(node.op_type, 0) + 1
   for _ in range(runs):
     session.run(None, {"images": images})
   with open(session.end_profiling(), encoding="utf-8") as f:
@@ -98,7 +106,7 @@ def op_profile(path: str, images: np.ndarray, threads: int, runs: int = 10) -> d
     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
       op = e["args"]["op_name"]
       totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / runs
-  return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+  return dict(sorted(totals.items(), key=lambda kv: -kv[1])), counts
 
 
 def jax_predictor(path: str):
@@ -145,9 +153,10 @@ def measure(args) -> dict:
   record["load_average_before"] = os.getloadavg()
   samples = latencies(predictors, images, tuple(args.batches), args.rounds)
   record["load_average_after"] = os.getloadavg()
-  record["op_ms_batch64"] = {
-      name: op_profile(os.path.join(args.workdir, name, "model.onnx"), images[:64], args.threads)
-      for name in models}
+  record["op_ms_batch64"], record["optimized_graph_ops"] = {}, {}
+  for name in models:
+    record["op_ms_batch64"][name], record["optimized_graph_ops"][name] = op_profile(
+        os.path.join(args.workdir, name, "model.onnx"), images[:64], args.threads)
   record["latency_s"] = {name: {str(b): {"median": float(np.median(s)), "min": float(np.min(s)),
                                          "samples": s} for b, s in per.items()}
                          for name, per in samples.items()}
@@ -190,8 +199,12 @@ def markdown(record: dict, command: str) -> str:
   for name in ("float", "compressed"):
     ops = record["op_ms_batch64"][name]
     top = ", ".join(f"{op} {t:.1f}" for op, t in list(ops.items())[:6])
+    counts = record["optimized_graph_ops"][name]
+    kept = ", ".join(f"{counts.get(op, 0)} {op}" for op in
+                     ("Conv", "FusedConv", "ReorderInput", "BatchNormalization",
+                      "DequantizeLinear", "QuantizeLinear"))
     lines.append(f"onnxruntime profile at batch 64, {name}: {sum(ops.values()):.1f} ms in ops "
-                 f"({top}, ...).")
+                 f"({top}, ...); its optimized graph: {kept}.")
   if "packed_npz_bytes" in c:
     lines.append(f"The compress run's packed `model.npz` (weights bit-packed): "
                  f"{c['packed_npz_bytes']:,} bytes.")
