@@ -29,8 +29,9 @@ JAX for the same input. The convolutions still sum in another order, so a value
 within float rounding of a rounding boundary can land on the neighbouring level.
 
 Supported: the CIFAR ResNets (option-A shortcuts, including a compacted model's
-``shortcut_maps``) and VGG (:class:`~picpq_jax.models.vgg.CifarVGG`); other
-models raise :class:`~picpq_jax.errors.UserError`. Requires the ``[deploy]``
+``shortcut_maps``), VGG (:class:`~picpq_jax.models.vgg.CifarVGG`) and the CIFAR
+MobileNetV2 (depthwise convs as grouped ``Conv``, ReLU6 as ``Clip(0, 6)``); other
+models (the ImageNet ResNet-18) raise :class:`~picpq_jax.errors.UserError`. Requires the ``[deploy]``
 extra (``onnx``).
 """
 
@@ -50,12 +51,13 @@ from picpq_jax.compress.quantizers import LSQ, PACT, DoReFa
 from picpq_jax.errors import UserError
 from picpq_jax.models.layers import BN_EPSILON
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS, FullPrecision, Quantizer
+from picpq_jax.models.mobilenetv2 import MobileNetV2, make_divisible
 from picpq_jax.models.resnet_cifar import CifarResNet
 from picpq_jax.models.structure import LayerInfo, model_structure
 from picpq_jax.models.vgg import CifarVGG
 
 OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16; onnxruntime >= 1.17
-SUPPORTED = ("CIFAR ResNets (resnet8..resnet110)", "vgg16")
+SUPPORTED = ("CIFAR ResNets (resnet8..resnet110)", "vgg16", "mobilenetv2")
 
 
 def _onnx():
@@ -298,11 +300,43 @@ def _vgg(g: _Graph, ctx: Context, model: CifarVGG, x: str) -> str:
   return _dense(g, ctx, x, "head")
 
 
+def _relu6(g: _Graph, x: str, name: str) -> str:
+  return g.op("Clip", [x, g.const(f"{name}/lo", np.float32(0)),
+                       g.const(f"{name}/hi", np.float32(6))], name)
+
+
+def _mobilenetv2(g: _Graph, ctx: Context, model: MobileNetV2, x: str) -> str:
+  """MobileNetV2's forward pass (see :mod:`picpq_jax.models.mobilenetv2`), NCHW; which
+  blocks add their input is decided on the uncompacted widths, as the model does."""
+  conv_bn = lambda v, conv, bn: _batch_norm(g, ctx, _conv(g, ctx, v, conv), bn)
+  width = make_divisible(model.stem_features * model.width_mult)
+  x = _relu6(g, conv_bn(x, "stem_conv", "stem_bn"), "stem_relu6")
+  for s, (t, c, n, first_stride) in enumerate(model.cfg):
+    features = make_divisible(c * model.width_mult)
+    for b in range(n):
+      name = f"stage{s + 1}_block{b}"
+      y = x
+      if t != 1:
+        y = _relu6(g, conv_bn(y, f"{name}/expand_conv", f"{name}/expand_bn"),
+                   f"{name}/expand_relu6")
+      y = _relu6(g, conv_bn(y, f"{name}/dw_conv", f"{name}/dw_bn"), f"{name}/dw_relu6")
+      y = conv_bn(y, f"{name}/project_conv", f"{name}/project_bn")
+      add_input = (first_stride if b == 0 else 1) == 1 and width == features
+      x = g.op("Add", [y, x], f"{name}/add") if add_input else y
+      width = features
+  x = _relu6(g, conv_bn(x, "last_conv", "last_bn"), "last_relu6")
+  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "flatten")
+  return _dense(g, ctx, x, "head")
+
+
+WRITERS = ((CifarResNet, _resnet_cifar), (CifarVGG, _vgg), (MobileNetV2, _mobilenetv2))
+
+
 def _check_supported(model: nn.Module) -> None:
   """Raises unless :func:`build_onnx` has a writer for ``model`` (whole, not a span)."""
   if getattr(model, "span", None) is not None:
     raise UserError("ONNX export needs the whole model (span=None), not a split piece")
-  if isinstance(model, (CifarResNet, CifarVGG)):
+  if isinstance(model, tuple(cls for cls, _ in WRITERS)):
     return
   raise UserError(f"ONNX export supports {', '.join(SUPPORTED)}, not "
                   f"{type(model).__name__}; export it as StableHLO (picpq export --formats "
@@ -314,7 +348,8 @@ def build_onnx(model: nn.Module, variables: Mapping[str, Any], mean, std,
   """The ONNX ``ModelProto`` of ``model`` with ``variables`` (see the module doc).
 
   Args:
-    model: a CIFAR ResNet or VGG of :mod:`picpq_jax.models` (compacted or not);
+    model: a CIFAR ResNet, VGG or MobileNetV2 of :mod:`picpq_jax.models`
+      (compacted or not);
       its ``quantizer`` (or a :class:`~picpq_jax.compress.export.Prequantized`
       one, as :func:`~picpq_jax.compress.export.load_exported` returns) defines
       the weight and activation grids.
@@ -345,7 +380,7 @@ def build_onnx(model: nn.Module, variables: Mapping[str, Any], mean, std,
   x = g.op("Sub", [x, g.const("mean", np.asarray(mean, np.float32))], "center")
   x = g.op("Div", [x, g.const("std", np.asarray(std, np.float32))], "normalize")
   x = g.op("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
-  writer = _resnet_cifar if isinstance(model, CifarResNet) else _vgg
+  writer = next(w for cls, w in WRITERS if isinstance(model, cls))
   logits = g.op("Identity", [writer(g, ctx, model, x)], "logits")
   classes = layers["head"].out_features
   graph = onnx.helper.make_graph(

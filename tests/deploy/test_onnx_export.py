@@ -16,6 +16,7 @@ from picpq_jax.compress.quantizers import LSQ, PACT, DoReFa
 from picpq_jax.data import normalize
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model, model_structure
+from picpq_jax.models.mobilenetv2 import MobileNetV2
 from picpq_jax.models.vgg import CifarVGG
 from tests.compress.test_compact import _random_masks
 from tests.deploy.helpers import compacted as _compacted
@@ -36,13 +37,16 @@ def _initializers(proto) -> dict[str, np.ndarray]:
 
 
 SMALL_VGG = dict(cfg=(16, "M", 24, 24, "M", 32), hidden=24)
+SMALL_MOBILENET = dict(cfg=((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2)), width_mult=0.5,
+                       last_features=64)
 
 
 @pytest.mark.parametrize("build", [
     lambda q: get_model("resnet8", quantizer=q),
     lambda q: get_model("resnet20", quantizer=q),
     lambda q: CifarVGG(quantizer=q, **SMALL_VGG),
-], ids=["resnet8", "resnet20", "vgg"])
+    lambda q: MobileNetV2(quantizer=q, **SMALL_MOBILENET),
+], ids=["resnet8", "resnet20", "vgg", "mobilenetv2"])
 def test_onnx_logits_match_the_compacted_jax_model(build, images):
   """2-8-bit DoReFa layers, random channels pruned: onnxruntime on uint8 images gives
   the compacted model's logits on the normalized images. The convolutions sum in
@@ -147,9 +151,9 @@ def test_other_quantizers_round_trip(quantizer, images):
 
 def test_unsupported_and_uncompacted_models_raise(images):
   _, mean, std = images
-  model = get_model("mobilenetv2")
+  model = get_model("resnet18")
   abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
   with pytest.raises(UserError, match="ONNX export supports"):
     build_onnx(model, abstract, mean, std)
   model = get_model("resnet8", quantizer=DoReFa())
