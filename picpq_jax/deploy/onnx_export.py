@@ -28,10 +28,11 @@ rounds differently for about 1 value in 10^5 at 8 bits) gives the same codes as
 JAX for the same input. The convolutions still sum in another order, so a value
 within float rounding of a rounding boundary can land on the neighbouring level.
 
-Supported: the CIFAR ResNets (option-A shortcuts, including a compacted model's
-``shortcut_maps``), VGG (:class:`~picpq_jax.models.vgg.CifarVGG`) and the CIFAR
+Supported: every model of the registry: the CIFAR ResNets (option-A shortcuts,
+including a compacted model's ``shortcut_maps``), the ImageNet ResNet-18 (1x1
+projection shortcuts), VGG (:class:`~picpq_jax.models.vgg.CifarVGG`) and the CIFAR
 MobileNetV2 (depthwise convs as grouped ``Conv``, ReLU6 as ``Clip(0, 6)``); other
-models (the ImageNet ResNet-18) raise :class:`~picpq_jax.errors.UserError`. Requires the ``[deploy]``
+modules raise :class:`~picpq_jax.errors.UserError`. Requires the ``[deploy]``
 extra (``onnx``).
 """
 
@@ -53,11 +54,12 @@ from picpq_jax.models.layers import BN_EPSILON
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS, FullPrecision, Quantizer
 from picpq_jax.models.mobilenetv2 import MobileNetV2, make_divisible
 from picpq_jax.models.resnet_cifar import CifarResNet
+from picpq_jax.models.resnet_imagenet import ImageNetResNet
 from picpq_jax.models.structure import LayerInfo, model_structure
 from picpq_jax.models.vgg import CifarVGG
 
 OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16; onnxruntime >= 1.17
-SUPPORTED = ("CIFAR ResNets (resnet8..resnet110)", "vgg16", "mobilenetv2")
+SUPPORTED = ("the ResNets", "vgg16", "mobilenetv2")
 
 
 def _onnx():
@@ -264,23 +266,50 @@ def _shortcut(g: _Graph, x: str, index: tuple[int, ...], stride: int, name: str)
   return x
 
 
+def _basic_block(g: _Graph, ctx: Context, x: str, name: str, shortcut: str) -> str:
+  """conv1-BN-ReLU-conv2-BN of :class:`~picpq_jax.models.resnet_cifar.BasicBlock`,
+  plus ``shortcut``, then ReLU."""
+  y = _conv(g, ctx, x, f"{name}/conv1")
+  y = g.op("Relu", [_batch_norm(g, ctx, y, f"{name}/bn1")], f"{name}/relu1")
+  y = _batch_norm(g, ctx, _conv(g, ctx, y, f"{name}/conv2"), f"{name}/bn2")
+  return g.op("Relu", [g.op("Add", [y, shortcut], f"{name}/add")], f"{name}/relu2")
+
+
+def _head(g: _Graph, ctx: Context, x: str) -> str:
+  """Global average pool and the ``head`` dense layer: ``[N, C, H, W] -> [N, K]``."""
+  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "flatten")
+  return _dense(g, ctx, x, "head")
+
+
 def _resnet_cifar(g: _Graph, ctx: Context, model: CifarResNet, x: str) -> str:
   """CifarResNet's forward pass (see :mod:`picpq_jax.models.resnet_cifar`), NCHW."""
   blocks = (model.depth - 2) // 6
-  widths = model.stage_widths()
   couplings = model.shortcut_couplings()
   x = g.op("Relu", [_batch_norm(g, ctx, _conv(g, ctx, x, "stem_conv"), "stem_bn")], "stem_relu")
-  for s in range(len(widths)):
+  for s in range(len(model.stage_widths())):
     for b in range(blocks):
       name = f"stage{s + 1}_block{b}"
-      y = _conv(g, ctx, x, f"{name}/conv1")
-      y = g.op("Relu", [_batch_norm(g, ctx, y, f"{name}/bn1")], f"{name}/relu1")
-      y = _batch_norm(g, ctx, _conv(g, ctx, y, f"{name}/conv2"), f"{name}/bn2")
+      shortcut = x
       if s > 0 and b == 0:
-        x = _shortcut(g, x, couplings[s - 1].index, 2, f"{name}/shortcut")
-      x = g.op("Relu", [g.op("Add", [y, x], f"{name}/add")], f"{name}/relu2")
-  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "flatten")
-  return _dense(g, ctx, x, "head")
+        shortcut = _shortcut(g, x, couplings[s - 1].index, 2, f"{name}/shortcut")
+      x = _basic_block(g, ctx, x, name, shortcut)
+  return _head(g, ctx, x)
+
+
+def _resnet_imagenet(g: _Graph, ctx: Context, model: ImageNetResNet, x: str) -> str:
+  """ImageNetResNet's forward pass (see :mod:`picpq_jax.models.resnet_imagenet`), NCHW:
+  7x7 stem, 3x3 max-pool, basic blocks with 1x1 projection shortcuts (option B)."""
+  x = g.op("Relu", [_batch_norm(g, ctx, _conv(g, ctx, x, "stem_conv"), "stem_bn")], "stem_relu")
+  x = g.op("MaxPool", [x], "stem_pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+  for s, blocks in enumerate(model.stage_sizes):
+    for b in range(blocks):
+      name = f"stage{s + 1}_block{b}"
+      shortcut = x
+      if f"params/{name}/downsample_conv/kernel" in ctx.flat:
+        shortcut = _batch_norm(g, ctx, _conv(g, ctx, x, f"{name}/downsample_conv"),
+                               f"{name}/downsample_bn")
+      x = _basic_block(g, ctx, x, name, shortcut)
+  return _head(g, ctx, x)
 
 
 def _vgg(g: _Graph, ctx: Context, model: CifarVGG, x: str) -> str:
@@ -324,12 +353,11 @@ def _mobilenetv2(g: _Graph, ctx: Context, model: MobileNetV2, x: str) -> str:
       add_input = (first_stride if b == 0 else 1) == 1 and width == features
       x = g.op("Add", [y, x], f"{name}/add") if add_input else y
       width = features
-  x = _relu6(g, conv_bn(x, "last_conv", "last_bn"), "last_relu6")
-  x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "flatten")
-  return _dense(g, ctx, x, "head")
+  return _head(g, ctx, _relu6(g, conv_bn(x, "last_conv", "last_bn"), "last_relu6"))
 
 
-WRITERS = ((CifarResNet, _resnet_cifar), (CifarVGG, _vgg), (MobileNetV2, _mobilenetv2))
+WRITERS = ((CifarResNet, _resnet_cifar), (ImageNetResNet, _resnet_imagenet), (CifarVGG, _vgg),
+           (MobileNetV2, _mobilenetv2))
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -348,8 +376,7 @@ def build_onnx(model: nn.Module, variables: Mapping[str, Any], mean, std,
   """The ONNX ``ModelProto`` of ``model`` with ``variables`` (see the module doc).
 
   Args:
-    model: a CIFAR ResNet, VGG or MobileNetV2 of :mod:`picpq_jax.models`
-      (compacted or not);
+    model: a model of :mod:`picpq_jax.models` (compacted or not);
       its ``quantizer`` (or a :class:`~picpq_jax.compress.export.Prequantized`
       one, as :func:`~picpq_jax.compress.export.load_exported` returns) defines
       the weight and activation grids.

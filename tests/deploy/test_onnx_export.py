@@ -17,6 +17,7 @@ from picpq_jax.data import normalize
 from picpq_jax.errors import UserError
 from picpq_jax.models import get_model, model_structure
 from picpq_jax.models.mobilenetv2 import MobileNetV2
+from picpq_jax.models.resnet_imagenet import ImageNetResNet
 from picpq_jax.models.vgg import CifarVGG
 from tests.compress.test_compact import _random_masks
 from tests.deploy.helpers import compacted as _compacted
@@ -46,7 +47,8 @@ SMALL_MOBILENET = dict(cfg=((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2)), width_
     lambda q: get_model("resnet20", quantizer=q),
     lambda q: CifarVGG(quantizer=q, **SMALL_VGG),
     lambda q: MobileNetV2(quantizer=q, **SMALL_MOBILENET),
-], ids=["resnet8", "resnet20", "vgg", "mobilenetv2"])
+    lambda q: ImageNetResNet(stage_sizes=(1, 2), widths=(16, 24), num_classes=10, quantizer=q),
+], ids=["resnet8", "resnet20", "vgg", "mobilenetv2", "imagenet_resnet"])
 def test_onnx_logits_match_the_compacted_jax_model(build, images):
   """2-8-bit DoReFa layers, random channels pruned: onnxruntime on uint8 images gives
   the compacted model's logits on the normalized images. The convolutions sum in
@@ -149,13 +151,11 @@ def test_other_quantizers_round_trip(quantizer, images):
   np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
 
 
-def test_unsupported_and_uncompacted_models_raise(images):
+def test_split_pieces_and_uncompacted_models_raise(images):
   _, mean, std = images
-  model = get_model("resnet18")
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
-  with pytest.raises(UserError, match="ONNX export supports"):
-    build_onnx(model, abstract, mean, std)
+  model = get_model("resnet8").clone(span=(0, 2))
+  with pytest.raises(UserError, match="whole model"):
+    build_onnx(model, {}, mean, std)
   model = get_model("resnet8", quantizer=DoReFa())
   variables = random_variables(jax.eval_shape(
       model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)), 1)
