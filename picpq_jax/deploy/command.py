@@ -50,6 +50,8 @@ class EvalConfig:
   val_size: int = option(0, "evaluate only the held-out part of the split that `picpq train "
                          "--val-size N --seed S` makes (0: the whole split)")
   seed: int = option(0, "seed of that held-out split")
+  image_size: int = option(0, "tfds data only: resize and center-crop to this size, as "
+                           "`picpq train --image-size` evaluates (0: as stored)")
   batch_size: int = option(256, "images per forward pass")
   threads: int = option(0, "onnxruntime intra-op threads (0: its default)")
   json: str = option("", "also write the results to this JSON file")
@@ -59,6 +61,7 @@ class EvalConfig:
       raise UserError("--from is required: pass a .onnx, .stablehlo or .npz file or a run")
     check(self.val_size >= 0, "val_size", self.val_size, "0 or more")
     check(self.batch_size >= 1, "batch_size", self.batch_size, "1 or more")
+    check(self.image_size >= 0, "image_size", self.image_size, "0 or more")
     check(self.threads >= 0, "threads", self.threads, "0 or more")
 
 
@@ -94,7 +97,9 @@ def run_eval(config: EvalConfig, print_fn=print) -> dict:
   from picpq_jax.deploy.evaluate import evaluate, load_predictor
   from picpq_jax.train.metrics import format_table
   predict = load_predictor(config.source, config.threads)
-  dataset = pdata.load_dataset(config.data, split=config.split)
+  crop = pdata.EVAL_CENTER_CROP["imagenet" if config.image_size else "cifar"]
+  dataset = pdata.load_dataset(config.data, split=config.split,
+                               image_size=config.image_size or None, center_crop=crop)
   if config.val_size:
     _, dataset = pdata.train_val_split(dataset, config.val_size, config.seed)
   results = evaluate(predict, dataset, config.batch_size)
