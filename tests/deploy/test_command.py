@@ -4,7 +4,7 @@ StableHLO, and every form evaluated to the accuracy computed here from the JAX m
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -21,7 +21,17 @@ from picpq_jax.models import get_model
 from tests.deploy.helpers import compacted
 
 BASELINE = Path(__file__).resolve().parents[2] / "experiments" / "baselines" / "checkpoints" / "resnet20"
-HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+
+
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+  except ImportError:
+    return False
+  return True
+
+
+HAS_ONNX = _importable("onnx") and _importable("onnxruntime")
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,10 @@ SMALL_MOBILENET = dict(cfg=((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2)), width_
 
 @pytest.mark.parametrize("build", [
     lambda q: get_model("resnet8", quantizer=q),
-    lambda q: get_model("resnet20", quantizer=q),
     lambda q: CifarVGG(quantizer=q, **SMALL_VGG),
     lambda q: MobileNetV2(quantizer=q, **SMALL_MOBILENET),
     lambda q: ImageNetResNet(stage_sizes=(1, 2), widths=(16, 24), num_classes=10, quantizer=q),
-], ids=["resnet8", "resnet20", "vgg", "mobilenetv2", "imagenet_resnet"])
+], ids=["resnet8", "vgg", "mobilenetv2", "imagenet_resnet"])
 def test_onnx_logits_match_the_compacted_jax_model(build, images):
   """2-8-bit DoReFa layers, random channels pruned: onnxruntime on uint8 images gives
   the compacted model's logits on the normalized images. The convolutions sum in
