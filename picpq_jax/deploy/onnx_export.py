@@ -7,11 +7,10 @@ generic converter), in NCHW as ONNX runtimes expect:
   casts, normalizes ``(x / 255 - mean) / std`` (:func:`picpq_jax.data.normalize`)
   and transposes to NCHW; output ``logits``: float32 ``[N, classes]``.
 * a conv/dense layer with ``w_bits < 32``: its fake-quantized kernel is stored as
-  integer codes ``q`` (int4 up to 4 bits, packed two a byte; int8 up to 8, int16
-  up to 16, else int32) with one
-  float scale ``s``, ``w = s * q`` (:func:`~picpq_jax.compress.export.weight_codes`;
-  DoReFa's ``k``-bit weights are ``q / (2^(k-1) - 1)``, ``|q| <= 2^(k-1) - 1``),
-  and read through ``DequantizeLinear``;
+  integer codes ``q`` (int4 up to 4 bits, two a byte; int8 up to 8, int16 up to
+  16, else int32) with one float scale ``s``, ``w = s * q``
+  (:func:`~picpq_jax.compress.export.weight_codes`; DoReFa's ``k``-bit weights are
+  ``q / (2^(k-1) - 1)``, ``|q| <= 2^(k-1) - 1``), read through ``DequantizeLinear``;
 * a layer with ``a_bits = k < 32``: its input is clipped and scaled to the
   quantizer's integer levels ``0 .. 2^k - 1`` in the quantizer's own order of
   operations (DoReFa: ``clip(x, 0, 1) * (2^k - 1)``), rounded half to even by
