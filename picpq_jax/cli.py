@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
   register_federated(commands)
   from picpq_jax.finetune.command import register as register_finetune
   register_finetune(commands)
+  from picpq_jax.deploy.command import register as register_deploy
+  register_deploy(commands)
   listing = commands.add_parser("models", help="list the architectures with params and MACs")
   listing.set_defaults(run=_cmd_models)
   return parser
