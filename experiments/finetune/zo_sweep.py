@@ -1,0 +1,110 @@
+"""Choose MeZO's settings on a split carved from SST-2's *training* data.
+
+Each setting (the part MeZO perturbs, learning rate, perturbation scale ``eps``) is
+one ``picpq finetune --method mezo`` run from the label-prompt head (``--head
+labels``) on k examples per class, scored every ``--eval-every`` steps on
+``--eval-size`` sentences of ``train.tsv`` that are not among the training examples
+(``--eval-split train``): the dev sentences the results table reports are never
+read. The step budget is read off those curves. Writes ``results/zo_sweep.json``
+and ``results/zo_sweep.md``.
+
+Command (from the repo root):
+
+    .venv/bin/python -m experiments.finetune.zo_sweep --k 16 --steps 100 \\
+        --eval-every 25 --grid full:1e-4:1e-3,full:1e-3:1e-3,bitfit:1e-3:1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def settings(grid: str) -> list[tuple[str, str, str]]:
+  """``"part:lr:eps,..."`` -> ``[(part, lr, eps), ...]``."""
+  return [tuple(item.split(":")) for item in grid.split(",") if item]
+
+
+def curve(workdir: Path) -> list[dict]:
+  """The held-out evaluations of a run, ``[{"step", "eval_accuracy", "eval_loss"}]``,
+  the start (step 0) first."""
+  results = json.loads((workdir / "results.json").read_text())
+  points = [{"step": 0, **results["start_eval"]}]
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "eval_accuracy" in row:
+      points.append({k: row[k] for k in ("step", "eval_accuracy", "eval_loss")})
+  if points[-1]["step"] != results["steps"]:
+    points.append({"step": results["steps"], "eval_accuracy": results["eval_accuracy"],
+                   "eval_loss": results["eval_loss"]})
+  return points
+
+
+def table(rows: list[dict]) -> str:
+  steps = sorted({p["step"] for r in rows for p in r["curve"]})
+  lines = ["| part | lr | eps | " + " | ".join(f"acc@{s}" for s in steps) + " |",
+           "|---|---|---|" + "---|" * len(steps)]
+  for r in rows:
+    acc = {p["step"]: p["eval_accuracy"] for p in r["curve"]}
+    lines.append(f"| {r['part']} | {r['lr']} | {r['eps']} | "
+                 + " | ".join(f"{acc[s]:.3f}" if s in acc else "-" for s in steps) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", default="../shared/data/sst2")
+  parser.add_argument("--k", type=int, default=16)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--eval-every", type=int, default=25)
+  parser.add_argument("--eval-size", type=int, default=500)
+  parser.add_argument("--grid", default="full:1e-4:1e-3,full:1e-3:1e-3,bitfit:1e-3:1e-3")
+  parser.add_argument("--extra", default="--dropout 0",
+                      help="more picpq finetune options, one string")
+  parser.add_argument("--workdir", default="runs/zo_sweep")
+  parser.add_argument("--name", default="zo_sweep", help="results/<name>.json and .md")
+  args = parser.parse_args()
+  command = "python -m experiments.finetune.zo_sweep " + shlex.join(sys.argv[1:])
+  rows = []
+  for part, lr, eps in settings(args.grid):
+    workdir = Path(args.workdir) / f"k{args.k}_s{args.seed}_{part}_lr{lr}_eps{eps}"
+    argv = ["finetune", "--method", "mezo", "--head", "labels", "--zo-part", part,
+            "--lr", lr, "--mezo-eps", eps, "--k", str(args.k), "--seed", str(args.seed),
+            "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+            "--eval-split", "train", "--eval-size", str(args.eval_size), "--data", args.data,
+            *shlex.split(args.extra), "--workdir", str(workdir), "--no-progress"]
+    done = (workdir / "results.json").is_file() and json.loads(
+        (workdir / "results.json").read_text()).get("finished")
+    t0 = time.time()
+    if not done:
+      proc = subprocess.run([sys.executable, "-m", "picpq_jax.cli", *argv],
+                            capture_output=True, text=True)
+      if proc.returncode:
+        print(proc.stderr[-3000:], flush=True)
+        continue
+    rows.append({"part": part, "lr": lr, "eps": eps, "k": args.k, "seed": args.seed,
+                 "curve": curve(workdir), "command": "picpq " + shlex.join(argv)})
+    print(f"{part} lr {lr} eps {eps}: "
+          + ", ".join(f"{p['step']}:{p['eval_accuracy']:.3f}" for p in rows[-1]["curve"])
+          + f" ({time.time() - t0:.0f} s)", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+        {"command": command, "args": vars(args), "rows": rows}, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(
+        f"# MeZO settings on held-out training sentences\n\nCommand: `{command}`\n\n"
+        f"Accuracy on {args.eval_size} sentences of train.tsv outside the k = {args.k} "
+        f"training examples (seed {args.seed}); step 0 is the label-prompt start.\n\n"
+        f"{table(rows)}\n")
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
