@@ -49,11 +49,11 @@ def curve(workdir: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   steps = sorted({p["step"] for r in rows for p in r["curve"]})
-  lines = ["| part | lr | eps | " + " | ".join(f"acc@{s}" for s in steps) + " |",
-           "|---|---|---|" + "---|" * len(steps)]
+  lines = ["| k | seed | part | lr | eps | " + " | ".join(f"acc@{s}" for s in steps) + " |",
+           "|---|---|---|---|---|" + "---|" * len(steps)]
   for r in rows:
     acc = {p["step"]: p["eval_accuracy"] for p in r["curve"]}
-    lines.append(f"| {r['part']} | {r['lr']} | {r['eps']} | "
+    lines.append(f"| {r['k']} | {r['seed']} | {r['part']} | {r['lr']} | {r['eps']} | "
                  + " | ".join(f"{acc[s]:.3f}" if s in acc else "-" for s in steps) + " |")
   return "\n".join(lines)
 
@@ -96,13 +96,19 @@ def main() -> None:
           + ", ".join(f"{p['step']}:{p['eval_accuracy']:.3f}" for p in rows[-1]["curve"])
           + f" ({time.time() - t0:.0f} s)", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {"command": command, "args": vars(args), "rows": rows}, indent=1))
+    path = RESULTS / f"{args.name}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+    key = lambda r: (r["part"], r["lr"], r["eps"], r["k"], r["seed"])  # noqa: E731
+    mine = {key(r) for r in rows}
+    all_rows = [r for r in saved["rows"] if key(r) not in mine] + rows
+    commands = [c for c in saved.get("commands", []) if c != command] + [command]
+    path.write_text(json.dumps({"commands": commands, "rows": all_rows}, indent=1))
+    listed = "\n".join(f"    {c}" for c in commands)
     (RESULTS / f"{args.name}.md").write_text(
-        f"# MeZO settings on held-out training sentences\n\nCommand: `{command}`\n\n"
-        f"Accuracy on {args.eval_size} sentences of train.tsv outside the k = {args.k} "
-        f"training examples (seed {args.seed}); step 0 is the label-prompt start.\n\n"
-        f"{table(rows)}\n")
+        f"# MeZO settings on held-out training sentences\n\nCommands (every run's own "
+        f"`picpq finetune` command is in `{args.name}.json`):\n\n{listed}\n\n"
+        f"Accuracy on {args.eval_size} sentences of train.tsv outside the k training "
+        f"examples; step 0 is the label-prompt start.\n\n{table(all_rows)}\n")
   print(table(rows))
 
 

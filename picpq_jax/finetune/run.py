@@ -1,9 +1,14 @@
 """``picpq finetune``: train one method end to end, measure it, and write results.json.
 
-SST-2 (``--task sst2``): the pretrained all-MiniLM-L6-v2 encoder gets a new
-classifier head (:class:`~picpq_jax.finetune.bert.BertClassifier`, mean pooling);
-``--k`` examples per class are drawn from ``train.tsv`` and a fixed sample of
-``--eval-size`` sentences of ``dev.tsv`` is the evaluation set. Methods:
+SST-2 (``--task sst2``): the pretrained all-MiniLM-L6-v2 encoder gets a classifier
+head (:class:`~picpq_jax.finetune.bert.BertClassifier`): drawn at random over mean
+pooling (``--head random``), or over the unit sentence embedding as label prompts
+(``--head labels``, zero-shot) or a ridge probe fitted on the training examples
+(``--head probe``), see :mod:`picpq_jax.finetune.heads`; the start's accuracy is
+reported as ``start_eval``. ``--k`` examples per class are drawn from ``train.tsv``
+and a fixed sample of ``--eval-size`` sentences of ``dev.tsv`` is the evaluation set
+(``--eval-split train``: sentences of ``train.tsv`` outside the training examples,
+for choosing settings without dev). Methods:
 
 * first-order (``full``, ``bitfit``, ``prompt``, ``lora``, ``qlora``): Adam over the
   method's trainable part (:func:`picpq_jax.finetune.peft.make_train_step`); every
