@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.bench.common import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2 ** 20
 
@@ -149,17 +151,6 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def cpu_name() -> str:
-  """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def merged(rows: list[dict]) -> list[dict]:
   """``rows`` over the rows already in ``sst2.json``: a row of the same (name, k,
   seed) is replaced in place, new ones are appended (``--merge``: several
@@ -183,7 +174,7 @@ def write(rows: list[dict], args, started: float, command: str) -> None:
   else:
     commands = [command]
   meta = {"command": command, "commands": commands, "wall_time_s": time.time() - started,
-          "machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+          "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
           "args": vars(args)}
   path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
   listed = "\n".join(f"    {c}" for c in commands)

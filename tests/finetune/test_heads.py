@@ -142,3 +142,16 @@ def test_mezo_improves_on_a_label_start():
   assert 0.6 < start < 0.82
   assert accuracy(theta, x[test], y[test]) > start + 0.05
   assert float(loss_fn(theta, batch)) < float(loss_fn(params, batch)) - 0.05
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(head="probe", federated="fedkseed", method="mezo"), "--head='probe'"),
+    (dict(head="first"), "--head='first'"),
+    (dict(label_prompts="only one"), "--label-prompts="),
+    (dict(eval_split="test"), "--eval-split='test'"),
+    (dict(method="qlora", qlora_bits=8, qlora_grid="nf4"), "--qlora-grid='nf4'"),
+])
+def test_config_rejects_bad_head_and_grid_options(options, needle):
+  from picpq_jax.finetune.config import FinetuneConfig
+  with pytest.raises(UserError, match=needle.replace("[", r"\[")):
+    FinetuneConfig(**options)
