@@ -32,16 +32,18 @@ def settings(grid: str) -> list[tuple[str, str, str]]:
   return [tuple(item.split(":")) for item in grid.split(",") if item]
 
 
-def curve(workdir: Path) -> list[dict]:
+def curve(workdir: Path, start: dict | None = None) -> list[dict]:
   """The held-out evaluations of a run, ``[{"step", "eval_accuracy", "eval_loss"}]``,
-  the start (step 0) first."""
-  results = json.loads((workdir / "results.json").read_text())
-  points = [{"step": 0, **results["start_eval"]}]
+  the start (step 0) first. A run stopped before its end (no ``results.json``) gives
+  the evaluations it logged, after ``start`` (the same head on the same sentences)."""
+  path = workdir / "results.json"
+  results = json.loads(path.read_text()) if path.is_file() else None
+  points = [{"step": 0, **(results["start_eval"] if results else start)}]
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
     if "eval_accuracy" in row:
       points.append({k: row[k] for k in ("step", "eval_accuracy", "eval_loss")})
-  if points[-1]["step"] != results["steps"]:
+  if results and points[-1]["step"] != results["steps"]:
     points.append({"step": results["steps"], "eval_accuracy": results["eval_accuracy"],
                    "eval_loss": results["eval_loss"]})
   return points
@@ -53,7 +55,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|" + "---|" * len(steps)]
   for r in rows:
     acc = {p["step"]: p["eval_accuracy"] for p in r["curve"]}
-    lines.append(f"| {r['k']} | {r['seed']} | {r['part']} | {r['lr']} | {r['eps']} | "
+    stopped = "" if r.get("finished", True) else " (stopped)"
+    lines.append(f"| {r['k']} | {r['seed']} | {r['part']}{stopped} | {r['lr']} | {r['eps']} | "
                  + " | ".join(f"{acc[s]:.3f}" if s in acc else "-" for s in steps) + " |")
   return "\n".join(lines)
 
@@ -71,6 +74,9 @@ def main() -> None:
                       help="more picpq finetune options, one string")
   parser.add_argument("--workdir", default="runs/zo_sweep")
   parser.add_argument("--name", default="zo_sweep", help="results/<name>.json and .md")
+  parser.add_argument("--collect", action="store_true",
+                      help="run nothing: tabulate the runs already in --workdir (a run "
+                      "stopped early shows the evaluations it logged)")
   args = parser.parse_args()
   command = "python -m experiments.finetune.zo_sweep " + shlex.join(sys.argv[1:])
   rows = []
@@ -84,14 +90,22 @@ def main() -> None:
     done = (workdir / "results.json").is_file() and json.loads(
         (workdir / "results.json").read_text()).get("finished")
     t0 = time.time()
-    if not done:
+    if args.collect:
+      if not (workdir / "metrics.jsonl").is_file():
+        continue
+      finished = sorted(Path(args.workdir).glob(f"k{args.k}_s{args.seed}_*/results.json"))
+      start = json.loads(finished[0].read_text())["start_eval"] if finished else None
+      if not done and start is None:
+        continue
+    elif not done:
       proc = subprocess.run([sys.executable, "-m", "picpq_jax.cli", *argv],
                             capture_output=True, text=True)
       if proc.returncode:
         print(proc.stderr[-3000:], flush=True)
         continue
     rows.append({"part": part, "lr": lr, "eps": eps, "k": args.k, "seed": args.seed,
-                 "curve": curve(workdir), "command": "picpq " + shlex.join(argv)})
+                 "curve": curve(workdir, start if args.collect else None),
+                 "finished": bool(done), "command": "picpq " + shlex.join(argv)})
     print(f"{part} lr {lr} eps {eps}: "
           + ", ".join(f"{p['step']}:{p['eval_accuracy']:.3f}" for p in rows[-1]["curve"])
           + f" ({time.time() - t0:.0f} s)", flush=True)
@@ -108,7 +122,9 @@ def main() -> None:
         f"# MeZO settings on held-out training sentences\n\nCommands (every run's own "
         f"`picpq finetune` command is in `{args.name}.json`):\n\n{listed}\n\n"
         f"Accuracy on {args.eval_size} sentences of train.tsv outside the k training "
-        f"examples; step 0 is the label-prompt start.\n\n{table(all_rows)}\n")
+        f"examples; step 0 is the label-prompt start. Without ``--collect`` the same "
+        f"command runs what is missing; \"(stopped)\": a run stopped before its last "
+        f"step, with the evaluations it logged.\n\n{table(all_rows)}\n")
   print(table(rows))
 
 
