@@ -5,7 +5,10 @@ classifier head on SST-2 (or any ``sentence<TAB>label`` folder holding ``train.t
 and ``dev.tsv``) by one of the methods of :mod:`picpq_jax.finetune.peft`, ``lora``,
 ``qlora`` or ``mezo``, optionally federated (FedIT or FedKSeed-style seed-only
 zeroth-order rounds); ``shakespeare`` trains the small causal GPT from scratch on
-tinyshakespeare (full training only).
+tinyshakespeare (full training only). ``head`` chooses the classifier's start (a
+random head, zero-shot label prompts or a closed-form ridge probe; see
+:mod:`picpq_jax.finetune.heads`), ``qlora_grid`` the quantized base's levels
+(uniform or NF4).
 """
 
 from __future__ import annotations
