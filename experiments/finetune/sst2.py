@@ -1,7 +1,9 @@
 """SST-2 with all-MiniLM-L6-v2: accuracy, memory and speed of each fine-tuning method.
 
 For every method (full, full with per-block remat, LoRA, BitFit, prompt tuning, MeZO,
-4-bit QLoRA) and every k (examples per class, same seed), one ``picpq finetune`` run
+4-bit QLoRA on the uniform and the NF4 grid) and every k (examples per class, same
+seed; the zeroth-order rows for every seed of ``--seeds``, from the head ``--zo-head``
+with ``--zo-lr``/``--zo-eps``), one ``picpq finetune`` run
 in its own process (so that its peak RSS is its own), then the federated variants
 (FedIT with LoRA, FedKSeed-style seed-only zeroth order) over ``--clients`` clients
 holding k examples per class each. Each run's ``results.json`` gives the dev accuracy
@@ -16,7 +18,8 @@ Command (from the repo root; the budget of the committed results is in the READM
 
 writes ``experiments/finetune/results/sst2.json`` and ``sst2.md`` after every run (a
 rerun skips the runs whose ``results.json`` is already complete; ``--report`` only
-rewrites ``sst2.md`` from ``sst2.json``).
+rewrites ``sst2.md`` from ``sst2.json``; ``--only mezo,fedkseed-zo --merge`` re-runs
+some rows into the existing table).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from experiments.bench.common import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2 ** 20
@@ -44,35 +50,51 @@ METHODS = {
     "mezo": ["--method", "mezo"],
     "qlora-4bit": ["--method", "qlora", "--qlora-bits", "4", "--rank", "8",
                    "--targets", "query|value"],
+    "qlora-nf4": ["--method", "qlora", "--qlora-bits", "4", "--qlora-grid", "nf4", "--rank",
+                  "8", "--targets", "query|value"],
 }
+ZO = ("mezo", "fedkseed-zo")  # rows run for every seed of --seeds, from --zo-head
 
 
-def runs(args) -> list[tuple[str, int, list[str]]]:
-  """``(name, k, options)`` in the order they run: every method at the first k,
-  then the federated variants, then the other ks."""
+def runs(args) -> list[tuple[str, int, int, list[str]]]:
+  """``(name, k, seed, options)`` in the order they run: every method at the first k,
+  then the federated variants (at every k of ``--fed-ks``), then the other ks; the
+  zeroth-order rows once per seed of ``--seeds``, the others at ``--seed``; only the
+  names in ``--only`` when given."""
   out = []
   common = ["--data", args.data, "--eval-size", str(args.eval_size), "--max-len",
-            str(args.max_len), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+            str(args.max_len), "--batch-size", str(args.batch_size)]
+  zo = ["--head", args.zo_head, "--lr", str(args.zo_lr), "--mezo-eps", str(args.zo_eps),
+        "--zo-part", args.zo_part, "--dropout", str(args.zo_dropout)]
   for i, k in enumerate(args.ks):
     for name, extra in METHODS.items():
-      length = (["--steps", str(args.mezo_steps)] if name == "mezo"
-                else ["--epochs", str(args.epochs)])
-      out.append((name, k, [*extra, "--k", str(k), *length, *common]))
-    if i == 0:
+      if name == "mezo":
+        out += [(name, k, seed, [*extra, *zo, "--k", str(k), "--steps", str(args.mezo_steps),
+                                 *common, "--seed", str(seed)]) for seed in args.seeds]
+      else:
+        out.append((name, k, args.seed, [*extra, "--k", str(k), "--epochs", str(args.epochs),
+                                         *common, "--seed", str(args.seed)]))
+    if k in args.fed_ks or (not args.fed_ks and i == 0):
       fed = ["--clients", str(args.clients), "--k", str(k), *common]
-      out.append(("fedit-lora", k, ["--method", "lora", "--federated", "fedit", "--rounds",
-                                    str(args.fedit_rounds), "--local-steps",
-                                    str(args.fedit_local_steps), *fed]))
-      out.append(("fedkseed-zo", k, ["--method", "mezo", "--federated", "fedkseed", "--rounds",
-                                     str(args.zo_rounds), "--local-steps",
-                                     str(args.zo_local_steps), *fed]))
-  return out
+      out.append(("fedit-lora", k, args.seed, [
+          "--method", "lora", "--federated", "fedit", "--rounds", str(args.fedit_rounds),
+          "--local-steps", str(args.fedit_local_steps), *fed, "--seed", str(args.seed)]))
+      out += [("fedkseed-zo", k, seed, [
+          "--method", "mezo", "--federated", "fedkseed", *zo, "--rounds", str(args.zo_rounds),
+          "--local-steps", str(args.zo_local_steps), *fed, "--seed", str(seed)])
+              for seed in args.seeds]
+  return [r for r in out if not args.only or r[0] in args.only]
 
 
-def row(name: str, k: int, r: dict, command: str) -> dict:
+def row(name: str, k: int, r: dict, command: str, config: dict) -> dict:
+  """One run's results.json as a table row (``head`` and ``start_accuracy``: the
+  classifier head it started from and that start's accuracy on the same sentences)."""
   mem = r["step_memory"]
+  start = r.get("start_eval") or {}
   return {
-      "name": name, "k": k, "eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"],
+      "name": name, "k": k, "seed": r["seed"], "head": config.get("head", "random"),
+      "start_accuracy": start.get("eval_accuracy"),
+      "eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"],
       "num_eval": r["num_eval"], "num_train": r["num_train"], "steps": r["steps"],
       "trainable_params": r["trainable_params"], "total_params": r["total_params"],
       "step_argument_bytes": mem["argument_bytes"], "step_temp_bytes": mem["temp_bytes"],
@@ -86,37 +108,85 @@ def row(name: str, k: int, r: dict, command: str) -> dict:
   }
 
 
+def _spread(values: list[float]) -> str:
+  """``0.712`` for one value; ``mean ± sd [min, max]`` (sample sd) for several."""
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} "
+          f"[{min(values):.3f}, {max(values):.3f}]")
+
+
+def grouped(rows: list[dict]) -> list[list[dict]]:
+  """Rows of one (name, k) together (several seeds), in first-seen order."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["name"], r["k"]), []).append(r)
+  return list(groups.values())
+
+
 def table(rows: list[dict]) -> str:
   base = {r["k"]: r for r in rows if r["name"] == "full"}
-  lines = ["| method | k/class | dev acc | trainable params | step args MiB | step temp MiB "
-           "| args+temp MiB | full / this | peak RSS MiB | median step s | steps | bytes/round |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
+  lines = ["| method | k/class | head | seeds | start acc | dev acc | trainable params "
+           "| step args MiB | step temp MiB | args+temp MiB | full / this | peak RSS MiB "
+           "| median step s | steps | bytes/round |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for group in grouped(rows):
+    r = group[0]
     at = (r["step_argument_bytes"] + r["step_temp_bytes"]) / MIB
     full = base.get(r["k"])
     # Federated rows run all clients in one program: not one device's step.
     ratio = (f"{(full['step_argument_bytes'] + full['step_temp_bytes']) / MIB / at:.1f}x"
              if full and r["name"] != "full" and not r["clients"] else "-")
     name = r["name"] + (f" ({r['clients']} clients)" if r["clients"] else "")
+    starts = [g["start_accuracy"] for g in group if g.get("start_accuracy") is not None]
     lines.append(
-        f"| {name} | {r['k']} | {r['eval_accuracy']:.3f} | {r['trainable_params']:,} "
+        f"| {name} | {r['k']} | {r.get('head', 'random')} "
+        f"| {','.join(str(g.get('seed', 0)) for g in group)} "
+        f"| {_spread(starts) if starts else '-'} "
+        f"| {_spread([g['eval_accuracy'] for g in group])} | {r['trainable_params']:,} "
         f"| {r['step_argument_bytes'] / MIB:.1f} | {r['step_temp_bytes'] / MIB:.1f} | {at:.1f} "
-        f"| {ratio} | {r['peak_rss_bytes'] / MIB:.0f} | {r['median_step_s']:.3f} | {r['steps']} "
+        f"| {ratio} | {max(g['peak_rss_bytes'] for g in group) / MIB:.0f} "
+        f"| {statistics.median(g['median_step_s'] for g in group):.3f} | {r['steps']} "
         f"| {r['bytes_per_round'] if r['bytes_per_round'] is not None else '-'} |")
   return "\n".join(lines)
 
 
+def merged(rows: list[dict]) -> list[dict]:
+  """``rows`` over the rows already in ``sst2.json``: a row of the same (name, k,
+  seed) is replaced in place, new ones are appended (``--merge``: several
+  invocations, e.g. a re-run of some methods, build one table)."""
+  path = RESULTS / "sst2.json"
+  old = json.loads(path.read_text())["rows"] if path.is_file() else []
+  key = lambda r: (r["name"], r["k"], r.get("seed", 0))  # noqa: E731
+  new = {key(r): r for r in rows}
+  out = [new.pop(key(r), r) for r in old]
+  return out + list(new.values())
+
+
 def write(rows: list[dict], args, started: float, command: str) -> None:
   RESULTS.mkdir(parents=True, exist_ok=True)
-  meta = {"command": command, "wall_time_s": time.time() - started, "machine":
-          platform.machine(), "cpus": os.cpu_count(), "args": vars(args)}
-  (RESULTS / "sst2.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-  text = (f"# SST-2 fine-tuning methods (all-MiniLM-L6-v2)\n\nCommand: `{command}`\n\n"
-          f"Wall time: {meta['wall_time_s'] / 60:.1f} min on a shared {os.cpu_count()}-CPU "
-          f"machine (XLA:CPU).\n\nDev accuracy on a fixed sample of {args.eval_size} dev "
-          f"sentences; memory from `memory_analysis()` of the compiled training step (batch "
-          f"{args.batch_size}, sequences trimmed to the longest training sentence, at most "
-          f"{args.max_len} tokens); peak RSS of the run's process.\n\n{table(rows)}\n")
+  path = RESULTS / "sst2.json"
+  saved = json.loads(path.read_text()) if path.is_file() else {}
+  commands = saved.get("commands", [saved["command"]] if "command" in saved else [])
+  if getattr(args, "merge", False):
+    rows = merged(rows)
+    commands = [c for c in commands if c != command] + [command]
+  else:
+    commands = [command]
+  meta = {"command": command, "commands": commands, "wall_time_s": time.time() - started,
+          "machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+          "args": vars(args)}
+  path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+  listed = "\n".join(f"    {c}" for c in commands)
+  text = (f"# SST-2 fine-tuning methods (all-MiniLM-L6-v2)\n\nCommands (each row's own "
+          f"`picpq finetune` command is in `sst2.json`):\n\n{listed}\n\n"
+          f"Last invocation's wall time: {meta['wall_time_s'] / 60:.1f} min on a shared "
+          f"{os.cpu_count()}-CPU machine ({meta['cpu']}, XLA:CPU).\n\nDev accuracy on a fixed sample of "
+          f"{args.eval_size} dev sentences (start acc: the head the run started from, on the "
+          f"same sentences; several seeds: mean ± sample sd [min, max]); memory from "
+          f"`memory_analysis()` of the compiled training step (batch {args.batch_size}, "
+          f"sequences trimmed to the longest training sentence, at most {args.max_len} "
+          f"tokens); peak RSS of the run's process.\n\n{table(rows)}\n")
   (RESULTS / "sst2.md").write_text(text)
 
 
@@ -135,6 +205,17 @@ def main() -> None:
   parser.add_argument("--fedit-local-steps", type=int, default=2)
   parser.add_argument("--zo-rounds", type=int, default=10)
   parser.add_argument("--zo-local-steps", type=int, default=5)
+  parser.add_argument("--seeds", default="0", help="comma-separated seeds of the ZO rows")
+  parser.add_argument("--only", default="", help="comma-separated row names to run (all: '')")
+  parser.add_argument("--fed-ks", default="", help="ks of the federated rows ('': the first)")
+  parser.add_argument("--zo-head", default="labels", help="--head of the ZO rows")
+  parser.add_argument("--zo-lr", type=float, default=1e-5)
+  parser.add_argument("--zo-eps", type=float, default=1e-3)
+  parser.add_argument("--zo-part", default="full")
+  parser.add_argument("--zo-dropout", type=float, default=0.0)
+  parser.add_argument("--merge", action="store_true",
+                      help="add these rows to those in results/sst2.json (same name, k and "
+                      "seed: replaced) instead of starting a new table")
   parser.add_argument("--workdir", default="runs/finetune_sst2")
   parser.add_argument("--report", action="store_true",
                       help="only rewrite sst2.md from the rows in sst2.json")
@@ -146,11 +227,14 @@ def main() -> None:
     print(table(saved["rows"]))
     return
   args.ks = [int(k) for k in args.ks.split(",")]
+  args.seeds = [int(x) for x in args.seeds.split(",")]
+  args.fed_ks = [int(k) for k in args.fed_ks.split(",") if k]
+  args.only = [n for n in args.only.split(",") if n]
   command = "python -m experiments.finetune.sst2 " + shlex.join(sys.argv[1:])
   started = time.time()
   rows = []
-  for name, k, options in runs(args):
-    workdir = os.path.join(args.workdir, f"{name}_k{k}")
+  for name, k, seed, options in runs(args):
+    workdir = os.path.join(args.workdir, f"{name}_k{k}_s{seed}")
     argv = ["picpq", "finetune", *options, "--workdir", workdir, "--no-progress"]
     results = Path(workdir) / "results.json"
     done = results.is_file() and json.loads(results.read_text()).get("finished")
@@ -163,8 +247,10 @@ def main() -> None:
         print(proc.stderr[-3000:], flush=True)
         continue
     r = json.loads(results.read_text())
-    rows.append(row(name, k, r, shlex.join(argv)))
-    print(f"  {name} k={k}: acc {r['eval_accuracy']:.3f}, temp "
+    rows.append(row(name, k, r, shlex.join(argv),
+                    json.loads((Path(workdir) / "config.json").read_text())))
+    print(f"  {name} k={k} seed {seed}: start {rows[-1]['start_accuracy']}, acc "
+          f"{r['eval_accuracy']:.3f}, temp "
           f"{r['step_memory']['temp_bytes'] / MIB:.1f} MiB, step {r['median_step_s']:.3f} s, "
           f"run {r['wall_time_s']:.0f} s", flush=True)
     write(rows, args, started, command)

@@ -40,6 +40,7 @@ from picpq_jax.finetune.text import TokenizedText
 from picpq_jax.finetune.text import eval_text_batches
 from picpq_jax.finetune.text import k_shot
 from picpq_jax.finetune.text import load_text
+from picpq_jax.finetune.text import held_out
 from picpq_jax.finetune.text import load_tsv
 from picpq_jax.finetune.text import random_windows
 from picpq_jax.finetune.text import split_ids
@@ -49,6 +50,7 @@ from picpq_jax.finetune.text import tinyshakespeare_path
 
 # Methods: composable transforms over param pytrees (see picpq_jax.finetune.peft).
 from picpq_jax.finetune import federated
+from picpq_jax.finetune import heads
 from picpq_jax.finetune import lora
 from picpq_jax.finetune import memory
 from picpq_jax.finetune import mezo
@@ -58,6 +60,9 @@ from picpq_jax.finetune.federated import fedit_round
 from picpq_jax.finetune.federated import fedit_traffic
 from picpq_jax.finetune.federated import zo_round
 from picpq_jax.finetune.federated import zo_traffic
+from picpq_jax.finetune.heads import label_head
+from picpq_jax.finetune.heads import ridge_probe
+from picpq_jax.finetune.heads import start_head
 from picpq_jax.finetune.memory import compiled_memory
 from picpq_jax.finetune.memory import memory_of
 from picpq_jax.finetune.memory import peak_rss_bytes
@@ -71,4 +76,5 @@ from picpq_jax.finetune.peft import make_train_step
 from picpq_jax.finetune.peft import prompt
 from picpq_jax.finetune.peft import train_also
 from picpq_jax.finetune.peft import trainable_count
+from picpq_jax.finetune.qlora import NF4
 from picpq_jax.finetune.qlora import QuantizedTensor

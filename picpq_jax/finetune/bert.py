@@ -37,7 +37,7 @@ from picpq_jax.errors import UserError
 from picpq_jax.finetune.attention import Mlp, SelfAttention, check_sizes, padding_mask
 
 Array = jax.Array
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "sentence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +263,9 @@ class ClassifierHead(nn.Module):
       ``pooler`` = Dense(H) + tanh, as Hugging Face's
       ``BertForSequenceClassification`` (the checkpoint's pooler weights come
       from the original MiniLM, not sentence-transformers training).
+      ``"sentence"``: the unit-norm sentence embedding (:func:`sentence_embedding`,
+      mean then L2 norm), so that a kernel of label embeddings scores classes by
+      cosine similarity (:mod:`picpq_jax.finetune.heads`).
     dropout_rate: dropout on the pooled vector (training only).
   """
   num_classes: int
@@ -275,6 +278,8 @@ class ClassifierHead(nn.Module):
     """hidden [B, P + L, H], attention_mask [B, L] -> float32 logits [B, classes]."""
     if self.pooling == "mean":
       pooled = mean_pool(hidden, attention_mask)
+    elif self.pooling == "sentence":
+      pooled = sentence_embedding(hidden, attention_mask)
     elif self.pooling == "cls":
       cls = token_states(hidden, attention_mask)[:, 0].astype(jnp.float32)
       pooled = jnp.tanh(nn.Dense(hidden.shape[-1], name="pooler")(cls))
@@ -296,7 +301,7 @@ class BertClassifier(nn.Module):
   Attributes:
     config: encoder sizes; ``config.hidden_dropout`` is also the head's dropout.
     num_classes: number of labels (2 for SST-2).
-    pooling: ``"mean"`` or ``"cls"`` (see :class:`ClassifierHead`).
+    pooling: ``"mean"``, ``"cls"`` or ``"sentence"`` (see :class:`ClassifierHead`).
     dtype: encoder computation dtype.
     remat: rematerialize each encoder block.
   """

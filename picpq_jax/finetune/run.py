@@ -1,9 +1,14 @@
 """``picpq finetune``: train one method end to end, measure it, and write results.json.
 
-SST-2 (``--task sst2``): the pretrained all-MiniLM-L6-v2 encoder gets a new
-classifier head (:class:`~picpq_jax.finetune.bert.BertClassifier`, mean pooling);
-``--k`` examples per class are drawn from ``train.tsv`` and a fixed sample of
-``--eval-size`` sentences of ``dev.tsv`` is the evaluation set. Methods:
+SST-2 (``--task sst2``): the pretrained all-MiniLM-L6-v2 encoder gets a classifier
+head (:class:`~picpq_jax.finetune.bert.BertClassifier`): drawn at random over mean
+pooling (``--head random``), or over the unit sentence embedding as label prompts
+(``--head labels``, zero-shot) or a ridge probe fitted on the training examples
+(``--head probe``), see :mod:`picpq_jax.finetune.heads`; the start's accuracy is
+reported as ``start_eval``. ``--k`` examples per class are drawn from ``train.tsv``
+and a fixed sample of ``--eval-size`` sentences of ``dev.tsv`` is the evaluation set
+(``--eval-split train``: sentences of ``train.tsv`` outside the training examples,
+for choosing settings without dev). Methods:
 
 * first-order (``full``, ``bitfit``, ``prompt``, ``lora``, ``qlora``): Adam over the
   method's trainable part (:func:`picpq_jax.finetune.peft.make_train_step`); every
@@ -46,7 +51,7 @@ from tqdm import tqdm
 from picpq_jax.errors import UserError
 from picpq_jax.federated.comm import tree_bytes
 from picpq_jax.finetune import federated as fed
-from picpq_jax.finetune import lora, mezo, peft, qlora
+from picpq_jax.finetune import heads, lora, mezo, peft, qlora
 from picpq_jax.finetune.bert import BertClassifier, init_classifier
 from picpq_jax.finetune.config import NOT_RESUME_FIELDS, FinetuneConfig
 from picpq_jax.finetune.gpt import GPT, GPTConfig, generate, init_gpt
@@ -54,7 +59,7 @@ from picpq_jax.finetune.gpt import loss as gpt_loss
 from picpq_jax.finetune.memory import compiled_memory, peak_rss_bytes
 from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
 from picpq_jax.finetune.text import (TextDataset, TokenCache, TokenizedText, CharVocab,
-                                     eval_text_batches, k_shot, load_text, load_tsv,
+                                     eval_text_batches, held_out, k_shot, load_text, load_tsv,
                                      random_windows, split_ids, sst2_paths, text_batches,
                                      tinyshakespeare_path)
 from picpq_jax.models.structure import param_count
@@ -107,7 +112,8 @@ def build_method(name: str, config: FinetuneConfig) -> peft.Method:
   if name == "qlora":
     return peft.train_also(qlora.method(config.targets, config.rank, config.alpha,
                                         config.qlora_bits, config.qlora_block,
-                                        dropout=config.lora_dropout), HEAD)
+                                        dropout=config.lora_dropout, grid=config.qlora_grid,
+                                        double_quant=config.qlora_double_quant), HEAD)
   raise UserError(f"unknown fine-tuning method {name!r}: use full, lora, bitfit, prompt, "
                   "mezo or qlora")
 
@@ -184,7 +190,8 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
   train_all, dev = load_tsv(paths.train), load_tsv(paths.dev)
   clients = config.clients if config.federated else 1
   train = k_shot(train_all, config.k * clients, config.seed) if config.k else train_all
-  dev = eval_sample(dev, config.eval_size)
+  dev = (held_out(train_all, train, config.eval_size) if config.eval_split == "train"
+         else eval_sample(dev, config.eval_size))
   num_classes = max(train_all.num_classes, dev.num_classes)
   pre = load_minilm(config.weights or None)
   tokenizer = load_tokenizer(config.weights or None)
@@ -193,9 +200,14 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
 
   bert = dataclasses.replace(pre.config, hidden_dropout=config.dropout,
                              attention_dropout=config.dropout)
-  model = BertClassifier(bert, num_classes, remat=config.remat)
+  model = BertClassifier(bert, num_classes, heads.pooling_for(config.head), remat=config.remat)
   k_head, k_method, k_train = jax.random.split(key, 3)
-  params = init_classifier(k_head, model, pre.params)
+  params = heads.start_head(
+      config.head, model, init_classifier(k_head, model, pre.params),
+      lambda texts: cache(TextDataset(tuple(texts), np.zeros(len(texts), np.int32)),
+                          config.max_len), train_tok,
+      prompts=tuple(config.label_prompts.split("|")), scale=config.label_scale,
+      l2=config.probe_l2)
   total_params = param_count(params)
   zo = config.method == "mezo"
   method = build_method(config.zo_part if zo else config.method, config)
@@ -209,6 +221,8 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
           "frozen_bytes": tree_bytes(frozen), "trainable_bytes": tree_bytes(trainable),
           "learning_rate": lr}
   evaluate, info["eval_memory"] = _classifier_eval(model, method, frozen, trainable, dev_tok)
+  if config.head != "random":  # the start each method must beat
+    info["start_eval"] = evaluate(trainable)
   if config.federated:
     return _federated_job(config, model, method, frozen, trainable, loss_fn, train,
                           train_tok, evaluate, k_train, info)

@@ -156,6 +156,21 @@ def k_shot(ds: TextDataset, k: int, seed: int) -> TextDataset:
   return ds.subset(np.sort(np.concatenate(chosen)))
 
 
+def held_out(ds: TextDataset, exclude: TextDataset, size: int, seed: int = 0) -> TextDataset:
+  """A fixed sample of ``size`` examples of ``ds`` whose sentences are not in
+  ``exclude`` (in file order): a validation split carved from training data.
+
+  The candidates (every example whose sentence text does not occur in ``exclude``,
+  so duplicates of a training sentence are left out too) are permuted by
+  ``np.random.default_rng([seed, 2])`` and the first ``size`` kept (all when
+  ``size`` is 0 or larger than the candidates).
+  """
+  taken = set(exclude.sentences)
+  candidates = np.array([i for i, s in enumerate(ds.sentences) if s not in taken], np.int64)
+  chosen = candidates[np.random.default_rng([seed, 2]).permutation(len(candidates))]
+  return ds.subset(np.sort(chosen[:size] if size else chosen))
+
+
 class Tokenizer(Protocol):
   """What :class:`TokenCache` needs (``BertTokenizer`` is one)."""
 

@@ -118,3 +118,77 @@ def test_qlora_starts_at_the_quantized_model_and_trains_only_adapters_and_head()
   # adapters export onto the dequantized base like plain LoRA
   merged = lora.merge(qlora.dequantize_params(frozen), results[0]["method"], 4.0)
   assert not any(qlora.is_quantized(v) for v in peft.flatten(merged).values())
+
+
+# QLoRA's NF4 levels as published (Dettmers et al. 2023, App. E; bitsandbytes' table).
+PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+
+
+def test_nf4_levels_are_the_published_sixteen():
+  assert qlora.NF4.shape == (16,)
+  np.testing.assert_allclose(qlora.NF4, PUBLISHED_NF4, rtol=0, atol=1e-6)
+  assert qlora.NF4[7] == 0.0 and np.all(np.diff(qlora.NF4) > 0)
+
+
+def test_nf4_blockwise_codes_on_a_hand_made_kernel():
+  # one block of 4 rows per column; column 0 absmax 1.0, column 1 absmax 4.0
+  w = np.array([[0.5, 0.0], [-1.0, 4.0], [0.25, -1.0], [0.1, 0.3]], np.float32)
+  # nearest levels by hand: 0.5 -> 0.4407 (12), -1 -> -1 (0), 0.25 -> 0.2461 (10),
+  # 0.1 -> 0.0796 (8); 0 -> 0 (7), 1 -> 1 (15), -0.25 -> -0.2844 (4), 0.075 -> 0.0796 (8)
+  hand = np.array([[12, 7], [0, 15], [10, 4], [8, 8]])
+  nearest = np.abs((w / [1.0, 4.0])[..., None] - np.asarray(PUBLISHED_NF4)).argmin(-1)
+  np.testing.assert_array_equal(nearest, hand)  # numpy agrees with the hand
+  q = qlora.quantize(jnp.asarray(w), 4, 4, grid="nf4")
+  np.testing.assert_allclose(q.scale, [[1.0, 4.0]])
+  packed = np.asarray(q.codes).astype(np.int64)  # rows 2i low nibble, 2i + 1 high
+  assert q.codes.dtype == np.uint8 and packed.shape == (2, 2)
+  np.testing.assert_array_equal(packed & 0xF, hand[0::2])
+  np.testing.assert_array_equal(packed >> 4, hand[1::2])
+  expect = np.asarray(PUBLISHED_NF4)[hand] * [1.0, 4.0]
+  np.testing.assert_allclose(qlora.dequantize(q), expect, rtol=1e-6, atol=1e-7)
+  with pytest.raises(UserError, match="nf4 grid has 4 bits"):
+    qlora.quantize(jnp.asarray(w), 8, 4, grid="nf4")
+
+
+def test_nf4_beats_the_uniform_grid_on_normal_weights():
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(256, 64)), jnp.float32)
+  err = {g: float(jnp.linalg.norm(qlora.dequantize(qlora.quantize(w, 4, 64, grid=g)) - w))
+         for g in qlora.GRIDS}
+  assert err["nf4"] < 0.9 * err["int"]
+
+
+def test_double_quantization_of_the_scales():
+  w = np.random.default_rng(3).normal(size=(640, 8)).astype(np.float32)  # 10 x 8 scales
+  plain = qlora.quantize(jnp.asarray(w), 4, 64, grid="nf4")
+  dq = qlora.quantize(jnp.asarray(w), 4, 64, grid="nf4", double_quant=True)
+  assert dq.scale.dtype == np.int8 and dq.scale.shape == (10, 8)
+  assert dq.scale_scale.shape == (1,)  # 80 scales: one block of 256
+  c = np.asarray(plain.scale, np.float64)  # numpy: int8 absmax of c - mean(c)
+  centered = c - c.mean()
+  second = np.abs(centered).max() / 127
+  np.testing.assert_array_equal(dq.scale, np.round(centered / second).astype(np.int8))
+  got = np.asarray(qlora.block_scales(dq))
+  np.testing.assert_allclose(got, np.round(centered / second) * second + c.mean(), rtol=1e-5)
+  assert np.all(np.abs(got - c) <= second / 2 + 1e-6)
+  # 4-bit codes + 1-byte scales + one float32 second-level scale + the float32 mean
+  assert tree_bytes(dq) == 640 * 8 // 2 + 80 + 4 + 4
+  np.testing.assert_allclose(qlora.dequantize(dq), qlora.dequantize(plain),
+                             atol=float(second) + 1e-6)
+
+
+def test_nf4_qlora_method_dequantizes_at_init():
+  params = toy_params()
+  method = qlora.method("query|value", 2, 4.0, bits=4, block_size=4, grid="nf4",
+                        double_quant=True)
+  frozen, adapters = method.init(jax.random.key(0), params)
+  combined, _ = method.combine(frozen, adapters, None)
+  for p, v in peft.flatten(frozen).items():
+    if qlora.is_quantized(v):
+      assert v.grid == "nf4" and v.scale_scale is not None
+      np.testing.assert_allclose(peft.flatten(combined)[p], qlora.dequantize(v), rtol=1e-6)
+  with pytest.raises(UserError, match="nf4"):
+    qlora.method(bits=8, grid="nf4")

@@ -1,0 +1,157 @@
+"""Label-prompt and ridge-probe heads on hand-made examples, against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from picpq_jax.errors import UserError
+from picpq_jax.finetune import heads
+from picpq_jax.finetune.bert import ClassifierHead
+from picpq_jax.finetune.text import TextDataset, held_out
+
+
+def test_label_head_scores_by_scaled_cosine():
+  # prompt embeddings [C=2, H=2]: class 0 along (3, 4), class 1 along (1, 0)
+  dense = heads.label_head(np.array([[3.0, 4.0], [1.0, 0.0]]), scale=10.0)
+  np.testing.assert_allclose(dense["kernel"], [[6.0, 10.0], [8.0, 0.0]], rtol=1e-6)
+  np.testing.assert_array_equal(dense["bias"], [0.0, 0.0])
+  x = np.array([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])  # unit sentence embeddings
+  logits = x @ np.asarray(dense["kernel"])
+  np.testing.assert_allclose(logits, [[8.0, 0.0], [10.0, 6.0], [6.0, 10.0]], rtol=1e-6)
+  with pytest.raises(UserError, match="positive"):
+    heads.label_head(np.eye(2), scale=0.0)
+
+
+def _ridge_by_augmented_lstsq(x, y, classes, lam, margin):
+  """min ||[X 1] [W; b] - Y||^2 + lam ||W||^2 as one least-squares problem: the
+  penalty is sqrt(lam) I rows under X (zero under the intercept column)."""
+  n, h = x.shape
+  targets = margin * (2.0 * np.eye(classes)[y] - 1.0)
+  design = np.block([[x, np.ones((n, 1))], [np.sqrt(lam) * np.eye(h), np.zeros((h, 1))]])
+  rhs = np.vstack([targets, np.zeros((h, classes))])
+  sol = np.linalg.lstsq(design, rhs, rcond=None)[0]
+  return sol[:h], sol[h]
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+def test_ridge_probe_matches_an_independent_least_squares(lam):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(9, 4))
+  y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 1])
+  dense = heads.ridge_probe(x, y, 3, lam, margin=2.0)
+  kernel, bias = _ridge_by_augmented_lstsq(x, y, 3, lam, 2.0)
+  assert dense["kernel"].shape == (4, 3) and dense["bias"].shape == (3,)
+  np.testing.assert_allclose(dense["kernel"], kernel, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dense["bias"], bias, rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_probe_fits_a_hand_made_set_exactly():
+  # 3 points in 2-D and an intercept: 3 unknowns per class, so (almost) no penalty
+  # fits the targets +-margin exactly
+  x = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+  y = np.array([1, 1, 0])
+  dense = heads.ridge_probe(x, y, 2, 1e-9, margin=2.0)
+  logits = x @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  np.testing.assert_allclose(logits, [[-2.0, 2.0], [-2.0, 2.0], [2.0, -2.0]], atol=1e-5)
+
+
+def test_sentence_pooling_head_gives_the_cosine_logits():
+  rng = np.random.default_rng(1)
+  hidden = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
+  prompts = rng.normal(size=(2, 4))
+  head = ClassifierHead(2, pooling="sentence")
+  params = {"classifier": heads.label_head(prompts, 5.0)}
+  got = head.apply({"params": params}, jnp.asarray(hidden), jnp.asarray(mask))
+  pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  cos = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)) @ (
+      prompts / np.linalg.norm(prompts, axis=1, keepdims=True)).T
+  np.testing.assert_allclose(got, 5.0 * cos, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_for_and_unknown_head():
+  assert heads.pooling_for("random") == "mean"
+  assert heads.pooling_for("labels") == heads.pooling_for("probe") == "sentence"
+  with pytest.raises(UserError, match="unknown head"):
+    heads.pooling_for("zero")
+
+
+def test_held_out_leaves_out_every_training_sentence():
+  ds = TextDataset(("a", "b", "c", "a", "d", "e", "f"), np.array([0, 1, 0, 0, 1, 1, 0]))
+  train = ds.subset([0, 1])  # "a" (twice in the file) and "b"
+  out = held_out(ds, train, 3)
+  assert len(out) == 3 and not set(out.sentences) & {"a", "b"}
+  assert out.sentences == held_out(ds, train, 3).sentences  # fixed
+  assert set(held_out(ds, train, 0).sentences) == {"c", "d", "e", "f"}
+
+
+def test_label_start_scores_its_own_prompt_at_the_scale(tmp_path):
+  """End to end on the tiny BERT: a label prompt fed as a sentence has cosine 1 with
+  itself, so its own class's logit is exactly the scale."""
+  from picpq_jax.finetune import BertClassifier, init_classifier, load_minilm, load_tokenizer
+  from picpq_jax.finetune.text import TokenCache
+  from tests.finetune import tiny_run
+  folder = tiny_run.make_weights(tmp_path / "w")
+  pre, tok = load_minilm(folder), load_tokenizer(folder)
+  cache = TokenCache(tok)
+  tokenize = lambda texts: cache(TextDataset(tuple(texts), np.zeros(len(texts), np.int32)), 16)
+  model = BertClassifier(pre.config, 2, pooling="sentence")
+  params = init_classifier(jax.random.key(0), model, pre.params)
+  prompts = ("the movie was bad", "the movie was good")
+  params = heads.start_head("labels", model, params, tokenize, None, prompts=prompts, scale=7.0)
+  batch = tokenize(list(prompts))
+  logits = np.asarray(model.apply({"params": params}, batch.input_ids, batch.attention_mask))
+  np.testing.assert_allclose(np.diag(logits), [7.0, 7.0], rtol=1e-5)
+  assert np.all(np.abs(logits) <= 7.0 + 1e-4)
+  with pytest.raises(UserError, match="one per class"):
+    heads.start_head("labels", model, params, tokenize, None, prompts=("x",))
+
+
+def test_mezo_improves_on_a_label_start():
+  """A synthetic zero-shot start: unit features of two classes that differ along
+  ``u`` and share a common direction ``c`` (as sentence embeddings do), and label
+  prompts that lean on ``c`` unequally (a miscalibrated zero-shot head, biased
+  towards class 0). MeZO over the head (n-SPSA, fixed keys) raises the accuracy on
+  held-out points and lowers the training loss."""
+  import optax
+  from picpq_jax.finetune import mezo
+  rng = np.random.default_rng(0)
+  dim, n = 8, 512
+  u, c = np.eye(dim)[0], np.eye(dim)[1]
+  y = rng.integers(0, 2, n)
+  x = 0.5 * (2 * y - 1)[:, None] * u + c + 0.4 * rng.normal(size=(n, dim))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  params = heads.label_head(np.stack([-u + 6 * c, u + c]), 5.0)
+
+  def loss_fn(p, batch, key=None):
+    logits = batch["x"] @ p["kernel"] + p["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  def accuracy(p, xs, ys):
+    return float(np.mean(np.argmax(xs @ np.asarray(p["kernel"]) + np.asarray(p["bias"]), 1)
+                         == ys))
+
+  train, test = slice(0, 64), slice(64, n)
+  start = accuracy(params, x[test], y[test])
+  step = mezo.make_step(loss_fn, eps=1e-3, n=4)
+  theta = jax.tree.map(jnp.copy, params)
+  batch = {"x": jnp.asarray(x[train], jnp.float32), "y": jnp.asarray(y[train])}
+  for i in range(100):
+    theta, _ = step.step({}, theta, batch, jax.random.key(i), 0.5)
+  assert 0.6 < start < 0.82
+  assert accuracy(theta, x[test], y[test]) > start + 0.05
+  assert float(loss_fn(theta, batch)) < float(loss_fn(params, batch)) - 0.05
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(head="probe", federated="fedkseed", method="mezo"), "--head='probe'"),
+    (dict(head="first"), "--head='first'"),
+    (dict(label_prompts="only one"), "--label-prompts="),
+    (dict(eval_split="test"), "--eval-split='test'"),
+    (dict(method="qlora", qlora_bits=8, qlora_grid="nf4"), "--qlora-grid='nf4'"),
+])
+def test_config_rejects_bad_head_and_grid_options(options, needle):
+  from picpq_jax.finetune.config import FinetuneConfig
+  with pytest.raises(UserError, match=needle.replace("[", r"\[")):
+    FinetuneConfig(**options)
