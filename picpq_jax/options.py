@@ -14,12 +14,17 @@ from typing import Any, Sequence
 from picpq_jax.errors import UserError
 
 
-def option(default: Any, help: str, flags: Sequence[str] = ()) -> Any:  # pylint: disable=redefined-builtin
+def option(default: Any, help: str, flags: Sequence[str] = (),  # pylint: disable=redefined-builtin
+           may_change: bool = False) -> Any:
   """A dataclass field whose ``metadata`` holds its ``--help`` text and flags.
 
   ``flags`` overrides the default ``--field-name`` spelling (e.g. ``("--from",)``).
+  ``may_change``: ``--resume`` accepts another value than the run's (where and how it
+  reports, how long it runs); every other field must match (see
+  :func:`picpq_jax.engine.open_workdir`).
   """
-  return dataclasses.field(default=default, metadata={"help": help, "flags": tuple(flags)})
+  return dataclasses.field(default=default, metadata={
+      "help": help, "flags": tuple(flags), "may_change": may_change})
 
 
 def check(ok: bool, field: str, value: Any, allowed: str) -> None:

@@ -19,7 +19,7 @@ class CompressConfig:
   """Options of the PIC-PQ pipeline; ``metadata["help"]`` of each field is its ``--help``."""
 
   checkpoint: str = option("", "workdir (or checkpoints folder) of the `picpq train` run to compress", flags=("--from",))
-  workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go")
+  workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go", may_change=True)
   data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
   target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")
   metric: str = option("flops", "budget metric: flops (MACs), params or bops")
@@ -48,8 +48,8 @@ class CompressConfig:
   batch_size: int = option(128, "fine-tuning batch size")
   weight_decay: float = option(5e-4, "fine-tuning weight decay")
   seed: int = option(0, "seed of the search and the fine-tuning")
-  resume: bool = option(False, "continue a stopped run in workdir (finished stages are kept)")
-  progress: bool = option(True, "show progress bars")
+  resume: bool = option(False, "continue a stopped run in workdir (finished stages are kept)", may_change=True)
+  progress: bool = option(True, "show progress bars", may_change=True)
 
   def __post_init__(self):
     if not self.checkpoint:
