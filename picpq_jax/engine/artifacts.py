@@ -106,10 +106,10 @@ def load_compressed(workdir: str | os.PathLike, flag: str = "--client-from",
     raise UserError(f"{flag} {workdir} is not a `picpq compress` workdir (no config.json): "
                     f"pass the --workdir of a compress run")
   config = read_json(config_path)
+  masks, quant = load_plan(workdir)
   if "checkpoint" not in config:
     raise UserError(f"{flag} {workdir} is not a `picpq compress` workdir: pass the "
                     f"--workdir of a compress run")
-  masks, quant = load_plan(workdir)
   source = load_trained(config["checkpoint"], flag, print_fn)
   stages = {s: load_trained(os.path.join(workdir, s), flag, print_fn)
             for s in WEIGHT_STAGES if has_checkpoint(os.path.join(workdir, s))}

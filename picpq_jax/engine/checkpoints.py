@@ -14,9 +14,11 @@ moves it to ``<directory>-damaged/`` and uses the previous one (two are kept).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 import jax
@@ -111,13 +113,18 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     abstract = None if template is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                           template)
+    hook = sys.unraisablehook  # a failed read leaves coroutines that print tracebacks
+    sys.unraisablehook = lambda unraisable: None
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                         meta=ocp.args.JsonRestore()))
       state, meta = restored.state, dict(restored.meta)
     except Exception as e:  # orbax, tensorstore and json raise many kinds  # pylint: disable=broad-except
-      raise DamagedCheckpoint(f"unreadable ({type(e).__name__})") from e
+      raise DamagedCheckpoint(f"unreadable: {type(e).__name__}") from e
+    finally:
+      gc.collect()
+      sys.unraisablehook = hook
     digest, finite = tree_digest(state)
     if meta.get("digest") != digest:
       raise DamagedCheckpoint("its contents differ from what was saved (digest mismatch)")

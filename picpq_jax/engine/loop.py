@@ -72,6 +72,8 @@ class Outcome(NamedTuple):
 
 def _summarize(window: list[dict]) -> dict[str, Any]:
   """The mean of each numeric metric over ``window`` (float64); others: the last value."""
+  if len(window) == 1:
+    return dict(window[0])
   out = {}
   for k, v in window[-1].items():
     if isinstance(v, (list, dict, str, type(None))):

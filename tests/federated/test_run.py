@@ -1,5 +1,16 @@
 """``run_federated`` end to end on 4 simulated devices: the methods, per-round
-checkpoints, a resumed run equal to an uninterrupted one, exact bytes, the report."""
+checkpoints, a resumed run equal to an uninterrupted one, exact bytes, the report;
+and ``picpq federated`` stopped by SIGTERM and SIGKILL, then resumed."""
+
+import signal
+import sys
+
+import jax
+import numpy as np
+
+from picpq_jax import cli, engine
+from picpq_jax.utils import read_jsonl
+from tests.engine.harness import interrupt_after_first_checkpoint, tree_files
 
 SCRIPT = """
 import json, os, sys
@@ -55,3 +66,47 @@ print("OK")
 def test_run_resume_bytes_and_report(on_devices, tmp_path, cache_dir):
   on_devices(SCRIPT.replace("sys.argv[1], sys.argv[2]", f"{str(tmp_path)!r}, {cache_dir!r}"),
              devices=4)
+
+
+def _argv(cache_dir, workdir, *extra):
+  return ["federated", "--arch", "resnet8", "--data", "embedded", "--val-size", "16",
+          "--train-size", "32", "--clients", "2", "--methods", "fedavg", "--rounds", "6",
+          "--local-steps", "1", "--batch-size", "4", "--no-progress", "--no-plot",
+          "--cache-dir", cache_dir, "--workdir", str(workdir), *extra]
+
+
+def test_sigterm_sigkill_resume_and_resume_options(tmp_path, cache_dir, capsys):
+  """As tests/train/test_loop.py's test of the same name, for FedAvg rounds."""
+  assert cli.main(_argv(cache_dir, tmp_path / "full")) == 0
+  work = tmp_path / "split"
+  ckpts = str(work / "fedavg" / "checkpoints")
+  command = [sys.executable, "-m", "picpq_jax.cli", *_argv(cache_dir, work)]
+  term = interrupt_after_first_checkpoint(command, ckpts, signal.SIGTERM)
+  lines = term.stderr.strip().splitlines()
+  assert term.returncode == 143 and lines[-1].startswith("picpq: SIGTERM: stopped after round")
+  assert len(lines) == 1, lines
+  stopped = engine.Checkpoints(ckpts).latest_step()
+  kill = interrupt_after_first_checkpoint([*command, "--resume"], ckpts, signal.SIGKILL,
+                                          after=stopped)
+  assert kill.returncode == -signal.SIGKILL
+  capsys.readouterr()
+  before = tree_files(work)
+  assert cli.main(_argv(cache_dir, work, "--resume", "--lr", "0.1")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "made with --lr=0.05, not 0.1" in err[0], err
+  assert tree_files(work) == before
+  assert cli.main(_argv(cache_dir, work, "--resume")) == 0
+
+  def final(path):
+    checkpoints = engine.Checkpoints(path)
+    state, _ = checkpoints.restore(None)
+    checkpoints.close()
+    return state
+  finals = [final(f"{p}/fedavg/checkpoints") for p in (tmp_path / "full", work)]
+  for a, b in zip(*map(jax.tree.leaves, finals)):
+    np.testing.assert_array_equal(a, b)
+  timeless = lambda p: [{k: v for k, v in r.items() if k != "round_time_s"}
+                        for r in read_jsonl(f"{p}/fedavg/metrics.jsonl")]
+  assert timeless(tmp_path / "full") == timeless(work)
+  assert cli.main(_argv(cache_dir, work, "--resume", "--rounds", "7")) == 0
+  assert engine.Checkpoints(ckpts).latest_step() == 7
