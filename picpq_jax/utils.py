@@ -36,9 +36,17 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """All records of a JSON-lines file."""
+  """All records of a JSON-lines file (a last line cut short by a killed writer is
+  dropped)."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  lines = [line for line in text.split("\n") if line.strip()]
+  if lines and not text.endswith("\n"):
+    try:
+      json.loads(lines[-1])
+    except ValueError:
+      lines.pop()
+  return [json.loads(line) for line in lines]
 
 
 class JsonlWriter:

@@ -47,7 +47,7 @@ from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.errors import UserError
 from picpq_jax.train import TrainConfig, optim
 from picpq_jax.train.loop import evaluate_dataset, train
-from picpq_jax.utils import is_primary, read_json, write_atomic, write_json
+from picpq_jax.utils import is_primary, read_json, write_json
 
 # What each stage leaves in the workdir (removed when it is redone).
 STAGE_FILES = {"baseline": ("baseline.json",), "filter_property": ("filter_property.npz",),
@@ -64,10 +64,10 @@ def _path(workdir: str, name: str, ext: str) -> str:
 def _load_or_run_json(workdir: str, name: str, compute: Callable[[], dict]) -> dict:
   path = _path(workdir, name, "json")
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   record = compute()
-  write_atomic(path, json.dumps(record, indent=2))
+  if is_primary():
+    write_json(path, record)
   return record
 
 
@@ -78,9 +78,10 @@ def _load_or_run_arrays(workdir: str, name: str, compute: Callable[[], dict]) ->
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
   arrays = {k: np.asarray(v) for k, v in compute().items()}
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  if is_primary():
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
   return arrays
 
 

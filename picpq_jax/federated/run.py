@@ -350,7 +350,8 @@ def run_federated(config: FederatedConfig, *, stop_after_round: int | None = Non
                   print_fn: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains every method of ``config`` and writes the report to ``config.workdir``.
 
-  On several hosts, call :func:`~picpq_jax.federated.initialize_if_multihost` first.
+  On several hosts, call :func:`picpq_jax.utils.initialize_if_multihost` first (the
+  `picpq` command does, for every subcommand).
 
   Args:
     config: the run's options.

@@ -178,12 +178,12 @@ def _classifier_eval(model: BertClassifier, method: peft.Method, frozen: Any, te
 def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job:
   paths = sst2_paths(config.data)
   train_all, dev = load_tsv(paths.train), load_tsv(paths.dev)
-  clients = config.clients if config.federated else 1
-  train = k_shot(train_all, config.k * clients, config.seed) if config.k else train_all
   unseen = sorted(set(dev.labels.tolist()) - set(train_all.labels.tolist()))
   if unseen:
     raise UserError(f"{paths.dev} has label {unseen[0]}, which {paths.train} never uses: "
                     f"the head could not learn it; fix the labels")
+  clients = config.clients if config.federated else 1
+  train = k_shot(train_all, config.k * clients, config.seed) if config.k else train_all
   dev = eval_sample(dev, config.eval_size)
   num_classes = train_all.num_classes
   pre = load_minilm(config.weights or None)

@@ -81,3 +81,22 @@ def tree_files(root) -> list:
   """``(folder, file, mtime)`` of every file under ``root``: "nothing written" checks."""
   return sorted((p, f, os.path.getmtime(os.path.join(p, f)))
                 for p, _, files in os.walk(root) for f in files)
+
+
+def assert_same_run(a: str, b: str, timing: str) -> None:
+  """The runs in folders ``a`` and ``b`` ended with bit-identical newest checkpoints and
+  the same metric records (the wall-clock field ``timing`` aside)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from picpq_jax import engine  # pylint: disable=import-outside-toplevel
+  from picpq_jax.utils import read_jsonl  # pylint: disable=import-outside-toplevel
+  states = []
+  for folder in (a, b):
+    checkpoints = engine.Checkpoints(os.path.join(folder, "checkpoints"))
+    states.append(checkpoints.restore(None)[0])
+    checkpoints.close()
+  assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+  for x, y in zip(*map(jax.tree.leaves, states)):
+    np.testing.assert_array_equal(x, y)
+  records = [[{k: v for k, v in r.items() if k != timing}
+              for r in read_jsonl(os.path.join(folder, "metrics.jsonl"))] for folder in (a, b)]
+  assert records[0] == records[1]

@@ -5,12 +5,8 @@ and ``picpq federated`` stopped by SIGTERM and SIGKILL, then resumed."""
 import signal
 import sys
 
-import jax
-import numpy as np
-
 from picpq_jax import cli, engine
-from picpq_jax.utils import read_jsonl
-from tests.engine.harness import interrupt_after_first_checkpoint, tree_files
+from tests.engine.harness import assert_same_run, interrupt_after_first_checkpoint, tree_files
 
 SCRIPT = """
 import json, os, sys
@@ -97,16 +93,6 @@ def test_sigterm_sigkill_resume_and_resume_options(tmp_path, cache_dir, capsys):
   assert tree_files(work) == before
   assert cli.main(_argv(cache_dir, work, "--resume")) == 0
 
-  def final(path):
-    checkpoints = engine.Checkpoints(path)
-    state, _ = checkpoints.restore(None)
-    checkpoints.close()
-    return state
-  finals = [final(f"{p}/fedavg/checkpoints") for p in (tmp_path / "full", work)]
-  for a, b in zip(*map(jax.tree.leaves, finals)):
-    np.testing.assert_array_equal(a, b)
-  timeless = lambda p: [{k: v for k, v in r.items() if k != "round_time_s"}
-                        for r in read_jsonl(f"{p}/fedavg/metrics.jsonl")]
-  assert timeless(tmp_path / "full") == timeless(work)
+  assert_same_run(f"{tmp_path}/full/fedavg", f"{work}/fedavg", timing="round_time_s")
   assert cli.main(_argv(cache_dir, work, "--resume", "--rounds", "7")) == 0
   assert engine.Checkpoints(ckpts).latest_step() == 7
