@@ -315,6 +315,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   if redo and is_primary():
     _remove_stages(workdir, redo)
   if is_primary():
+    os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
   begin = lambda stage: _begin(config, workdir, stage)
 
