@@ -8,13 +8,12 @@ with one ``picpq: error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import types
 import typing
-from typing import Any, Sequence
+from typing import Sequence
 
 from picpq_jax.errors import UserError
+from picpq_jax.options import add_config_options, config_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,28 +21,6 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message: str) -> typing.NoReturn:
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-  """One ``--option`` per field of ``config_cls``, help from ``metadata["help"]``."""
-  hints = typing.get_type_hints(config_cls)
-  for field in dataclasses.fields(config_cls):
-    flags = field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
-    hint = hints[field.name]
-    if isinstance(hint, types.UnionType):
-      hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    help_text = field.metadata.get("help", "").replace("%", "%%")
-    if hint is bool:
-      parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction,
-                          default=field.default, help=help_text)
-    else:
-      parser.add_argument(*flags, dest=field.name, type=hint, default=field.default,
-                          help=help_text, metavar=field.name.upper())
-
-
-def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-  """The config dataclass built (and validated) from parsed arguments."""
-  return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -63,7 +40,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
   del args
   import jax
   from picpq_jax import models
-  from picpq_jax.train.metrics import format_table
+  from picpq_jax.utils import format_table
   rows = []
   for name, spec in sorted(models.MODELS.items()):
     model = spec.build(num_classes=spec.num_classes)
@@ -111,14 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of the ``picpq`` console script; returns the exit code."""
+  """Entry point of the ``picpq`` console script; returns the exit code.
+
+  Every command starts the same way: ``jax.distributed`` is initialized when the
+  environment names several hosts, and SIGINT/SIGTERM are caught so that a run saves
+  its last finished state, prints one line and exits (130 or 143).
+  """
   parser = build_parser()
   args = parser.parse_args(argv)
+  from picpq_jax import engine  # pylint: disable=import-outside-toplevel  (loads jax)
+  from picpq_jax.utils import initialize_if_multihost  # pylint: disable=import-outside-toplevel
   try:
-    return args.run(args)
+    with engine.catching_signals():
+      initialize_if_multihost()  # before any array exists
+      return args.run(args)
   except UserError as e:
     print(f"picpq: error: {e}", file=sys.stderr)
     return 2
+  except engine.Interrupted as e:
+    return e.exit_code
   except KeyboardInterrupt:
     return 130
 

@@ -5,13 +5,29 @@ from __future__ import annotations
 import dataclasses
 
 from picpq_jax.compress.cost_model import METRICS
+from picpq_jax.compress.quantizers import QUANTIZERS
 from picpq_jax.compress.search import SearchConfig
 from picpq_jax.errors import UserError
 from picpq_jax.options import check, option
 
 CRITERIA = ("rank", "l1", "l2", "bn_gamma")
+
+# The stages of `picpq compress`, in order, with the fields each one's saved result
+# depends on (besides every earlier stage's): --resume with one of them changed is
+# refused, or reruns from the first affected stage with --restart-from. The fields in
+# no stage (workdir, resume, restart_from, progress) may change.
+STAGE_FIELDS = {
+    "baseline": ("checkpoint", "data", "batch_size"),
+    "filter_property": ("criterion", "fp_batches", "fp_batch_size", "seed"),
+    "genes": ("evolution", "population", "sample", "generations", "children", "tau_hat",
+              "mutation_rate", "search_val_size", "strategy", "target", "metric", "safeguard",
+              "min_channels", "lr", "weight_decay"),
+    "plan": ("allocation", "uniform_bits", "penalty", "max_bits"),
+    "finetune": ("ft_epochs",),
+    "qat": ("quantizer", "qat_epochs"),
+}
+STAGES = tuple(STAGE_FIELDS)
 ALLOCATIONS = ("global", "uniform")
-QUANTIZERS = ("dorefa", "lsq", "pact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +35,7 @@ class CompressConfig:
   """Options of the PIC-PQ pipeline; ``metadata["help"]`` of each field is its ``--help``."""
 
   checkpoint: str = option("", "workdir (or checkpoints folder) of the `picpq train` run to compress", flags=("--from",))
-  workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go")
+  workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go", may_change=True)
   data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
   target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")
   metric: str = option("flops", "budget metric: flops (MACs), params or bops")
@@ -48,8 +64,9 @@ class CompressConfig:
   batch_size: int = option(128, "fine-tuning batch size")
   weight_decay: float = option(5e-4, "fine-tuning weight decay")
   seed: int = option(0, "seed of the search and the fine-tuning")
-  resume: bool = option(False, "continue a stopped run in workdir (finished stages are kept)")
-  progress: bool = option(True, "show progress bars")
+  resume: bool = option(False, "continue a stopped run in workdir (finished stages are kept)", may_change=True)
+  restart_from: str = option("", "with --resume: redo this stage and every later one (baseline, filter_property, genes, plan, finetune or qat), e.g. after changing an option it depends on", may_change=True)
+  progress: bool = option(True, "show progress bars", may_change=True)
 
   def __post_init__(self):
     if not self.checkpoint:
@@ -73,6 +90,8 @@ class CompressConfig:
     check(0.0 < self.lr <= 10.0, "lr", self.lr, "(0, 10]")
     check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
     check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    check(self.restart_from in ("", *STAGES), "restart_from", self.restart_from,
+          " or ".join(STAGES))
     check(self.sample <= self.population, "sample", self.sample,
           f"1..population ({self.population})")
     self.search_config()  # validates the evolution settings

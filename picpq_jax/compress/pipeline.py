@@ -1,7 +1,10 @@
 """``run_compress``: the whole PIC-PQ pipeline behind ``picpq compress``.
 
 Stages, in order, each saved in the workdir when it finishes so that a stopped
-run resumes at the first unfinished one (``--resume``):
+run resumes at the first unfinished one (``--resume``). ``stages.json`` records the
+config fields each finished stage depended on (:data:`~.config.STAGE_FIELDS`);
+``--resume`` with one of them changed is refused in one line, or reruns from the
+first affected stage with ``--restart-from STAGE``:
 
 1. ``baseline``: the pretrained model's validation accuracy and cost;
 2. ``filter_property``: FP of every prunable layer on a few training batches;
@@ -20,8 +23,10 @@ run resumes at the first unfinished one (``--resume``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import flax
@@ -30,21 +35,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from picpq_jax import data as pdata
+from picpq_jax import engine
 from picpq_jax import models
 from picpq_jax.compress import bits as bits_lib
 from picpq_jax.compress import cost_model as cost_lib
 from picpq_jax.compress import criteria, evolution, pic, quantizers, report, search
 from picpq_jax.compress.compact import compact, zero_pruned_weights
 from picpq_jax.compress.export import export, load_exported
-from picpq_jax.compress.config import CompressConfig, parse_max_bits
+from picpq_jax.compress.config import STAGE_FIELDS, STAGES, CompressConfig, parse_max_bits
 from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.errors import UserError
-from picpq_jax.train import TrainConfig, optim, train_and_evaluate
-from picpq_jax.train.checkpoint import load_variables
-from picpq_jax.train.loop import evaluate_dataset
-from picpq_jax.train.metrics import write_atomic
+from picpq_jax.train import TrainConfig, optim
+from picpq_jax.train.loop import evaluate_dataset, train
+from picpq_jax.utils import is_primary, read_json, write_json
 
-STAGES = ("baseline", "filter_property", "genes", "plan")
+# What each stage leaves in the workdir (removed when it is redone).
+STAGE_FILES = {"baseline": ("baseline.json",), "filter_property": ("filter_property.npz",),
+               "genes": ("genes.npz", "evolution", "evolution-damaged"),
+               "plan": ("plan.npz", "pruned.json"), "finetune": ("finetune",), "qat": ("qat",)}
 
 
 # --- Stage files: small JSON records and flat .npz arrays, written atomically.
@@ -56,10 +64,10 @@ def _path(workdir: str, name: str, ext: str) -> str:
 def _load_or_run_json(workdir: str, name: str, compute: Callable[[], dict]) -> dict:
   path = _path(workdir, name, "json")
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   record = compute()
-  write_atomic(path, json.dumps(record, indent=2))
+  if is_primary():
+    write_json(path, record)
   return record
 
 
@@ -70,9 +78,10 @@ def _load_or_run_arrays(workdir: str, name: str, compute: Callable[[], dict]) ->
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
   arrays = {k: np.asarray(v) for k, v in compute().items()}
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  if is_primary():
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
   return arrays
 
 
@@ -90,12 +99,58 @@ def _flat(tree: dict, prefix: str) -> dict:
 
 # --- Stages.
 
-def _check_workdir(config: CompressConfig) -> None:
-  done = [n for n in STAGES if any(os.path.exists(_path(config.workdir, n, e))
-                                   for e in ("json", "npz"))]
-  if done and not config.resume:
-    raise UserError(f"{config.workdir} already holds finished stages ({', '.join(done)}): "
-                    f"pass --resume to continue, or choose another --workdir")
+def stage_key(config: CompressConfig, stage: str) -> dict[str, Any]:
+  """The config fields ``stage``'s result depends on, its own and earlier stages'."""
+  fields = [f for st in STAGES[:STAGES.index(stage) + 1] for f in STAGE_FIELDS[st]]
+  return json.loads(json.dumps({f: getattr(config, f) for f in fields}))
+
+
+def check_stages(config: CompressConfig, workdir: str) -> str | None:
+  """The first stage to redo (``--restart-from``, or ``None``), after checking that
+  every finished stage before it was made with this config's values; writes nothing."""
+  path = os.path.join(workdir, "stages.json")
+  saved = read_json(path) if os.path.exists(path) else {}
+  redo = config.restart_from or None
+  for stage in STAGES[:STAGES.index(redo) if redo else len(STAGES)]:
+    if stage not in saved:
+      continue
+    for field, value in stage_key(config, stage).items():
+      if saved[stage].get(field) != value:
+        flag = "--from" if field == "checkpoint" else "--" + field.replace("_", "-")
+        raise UserError(
+            f"cannot resume {workdir}: its {stage} stage was made with {flag}="
+            f"{saved[stage].get(field)!r}, not {value!r}: pass {flag} "
+            f"{json.dumps(saved[stage].get(field))}, or --restart-from {stage} to redo it "
+            f"and the stages after it")
+  return redo
+
+
+def _remove_stages(workdir: str, first: str) -> None:
+  """Deletes what ``first`` and every later stage left, and their keys."""
+  later = STAGES[STAGES.index(first):]
+  for stage in later:
+    for name in STAGE_FILES[stage]:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  path = os.path.join(workdir, "stages.json")
+  if os.path.exists(path):
+    write_json(path, {k: v for k, v in read_json(path).items() if k not in later})
+
+
+def _begin(config: CompressConfig, workdir: str, stage: str) -> None:
+  """Stops here if SIGINT/SIGTERM came; else records ``stage``'s key in ``stages.json``
+  (before it runs, so its partial work, e.g. search checkpoints, is covered too)."""
+  engine.workdir.stop_if_interrupted(
+      f"stopped before the {stage} stage; finished stages are saved in {workdir}: rerun "
+      f"with --resume to continue")
+  if is_primary():
+    path = os.path.join(workdir, "stages.json")
+    saved = read_json(path) if os.path.exists(path) else {}
+    if stage not in saved:
+      write_json(path, {**saved, stage: stage_key(config, stage)})
 
 
 def _fp_batches(train: pdata.ImageDataset, config: CompressConfig, mean, std):
@@ -166,21 +221,42 @@ def _train_config(config: CompressConfig, train_meta: dict, data: str, name: str
       augment=train_meta.get("augment", "cifar"), workdir=os.path.join(config.workdir, name),
       val_size=train_meta["val_size"], epochs=epochs, batch_size=config.batch_size,
       lr=config.lr, schedule="multistep", momentum=0.9, weight_decay=config.weight_decay,
-      seed=config.seed, checkpoint_every=500, resume=True,
+      seed=config.seed, checkpoint_every=500,
+      resume=engine.workdir.holds_run(os.path.join(config.workdir, name)),
       cache_dir=train_meta.get("cache_dir"), progress=config.progress)
 
 
-def _quantized_start(arch, num_classes, quantizer, variables, masks, quant, input_shape,
-                     calibration_images) -> dict:
-  """Variables of the quantized model: the fine-tuned ones plus fresh quantizer params."""
-  model = models.get_model(arch, num_classes=num_classes, quantizer=quantizer)
-  fresh = models.init_variables(model, jax.random.key(0), input_shape)
-  params = flax.traverse_util.flatten_dict(fresh["params"])
-  params.update(flax.traverse_util.flatten_dict(variables["params"]))
+def quantized_start(model, quantizer: models.Quantizer, variables: dict, masks: dict,
+                    quant: dict, input_shape: tuple[int, ...],
+                    calibration: Any = None) -> dict:
+  """Variables with which quantization-aware training of ``model`` starts.
+
+  Args:
+    model: the quantized model (built with ``quantizer``).
+    quantizer: its quantizer.
+    variables: trained weights (``params``, ``batch_stats``), possibly without the
+      quantizer's parameters.
+    masks, quant: the plan's ``{group: [C]}`` masks and ``quant`` collection.
+    input_shape: ``(H, W, C)``.
+    calibration: normalized float32 images ``[N, H, W, C]`` that initialize LSQ steps
+      (needed only when the weights lack them).
+
+  Returns:
+    ``{"params", "batch_stats", "masks", "quant"}``: quantizer parameters the weights
+    lack start at their initial values (LSQ steps calibrated).
+  """
+  fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), input_shape))
+  params = flax.traverse_util.flatten_dict(variables["params"])
+  missing = set(flax.traverse_util.flatten_dict(fresh["params"])) - set(params)
+  if missing:
+    init = models.init_variables(model, jax.random.key(0), input_shape)["params"]
+    params = {**flax.traverse_util.flatten_dict(init), **params}
   start = {"params": flax.traverse_util.unflatten_dict(params),
            "batch_stats": variables["batch_stats"], "masks": masks, "quant": quant}
-  if isinstance(quantizer, quantizers.LSQ):
-    start = quantizers.calibrate_lsq(model, start, calibration_images)
+  if missing and isinstance(quantizer, quantizers.LSQ):
+    if calibration is None:
+      raise UserError("LSQ steps need calibration images: pass calibration=")
+    start = quantizers.calibrate_lsq(model, start, calibration)
   return start
 
 
@@ -216,14 +292,13 @@ def _compact_and_export(workdir, arch, model, variables, structure, quantizer, i
   }
 
 
-def make_quantizer(name: str) -> models.Quantizer:
-  return {"dorefa": quantizers.DoReFa, "lsq": quantizers.LSQ, "pact": quantizers.PACT}[name]()
-
-
 def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) every stage and writes the report; returns the report record."""
-  _check_workdir(config)
-  variables, meta, _ = load_variables(config.checkpoint)
+  everything = frozenset(f.name for f in dataclasses.fields(config))
+  workdir = engine.open_workdir(config, may_change=everything).path  # the stages check
+  redo = check_stages(config, workdir)
+  source = engine.load_trained(config.checkpoint)
+  variables, meta = source.variables, source.meta
   train_meta = meta["config"]
   arch, data = train_meta["arch"], config.data or train_meta["data"]
   spec = models.get_spec(arch)
@@ -233,54 +308,65 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   dataset = pdata.load_dataset(data, split="train", cache_dir=train_meta.get("cache_dir"),
                                image_size=train_meta.get("image_size"),
                                center_crop=pdata.EVAL_CENTER_CROP[augment_name])
-  train, val = pdata.train_val_split(dataset, train_meta["val_size"], train_meta["seed"])
-  model = models.get_model(arch, num_classes=len(meta["class_names"]))
+  train_set, val = pdata.train_val_split(dataset, train_meta["val_size"], train_meta["seed"])
+  num_classes = len(meta["class_names"])
+  model = models.get_model(arch, num_classes=num_classes)
   structure = models.model_structure(model, spec.input_shape)
-  os.makedirs(config.workdir, exist_ok=True)
-  write_atomic(os.path.join(config.workdir, "config.json"), json.dumps(config.to_dict(), indent=2))
+  if redo and is_primary():
+    _remove_stages(workdir, redo)
+  if is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  begin = lambda stage: _begin(config, workdir, stage)
 
-  baseline = _load_or_run_json(config.workdir, "baseline", lambda: {
+  begin("baseline")
+  baseline = _load_or_run_json(workdir, "baseline", lambda: {
       "val": evaluate_dataset(model, variables, val, config.batch_size, mean, std),
       "cost": _cost_record(structure, variables["masks"], None)})
-  fp = _load_or_run_arrays(config.workdir, "filter_property", lambda: criteria.filter_property(
-      config.criterion, model, variables, _fp_batches(train, config, mean, std), structure))
+  begin("filter_property")
+  fp = _load_or_run_arrays(workdir, "filter_property", lambda: criteria.filter_property(
+      config.criterion, model, variables, _fp_batches(train_set, config, mean, std),
+      structure))
   fp = {k: jnp.asarray(v) for k, v in fp.items()}
-  genes = _load_or_run_arrays(config.workdir, "genes", lambda: _search_genes(
-      config, model, structure, variables, fp, train, val, mean, std, augment_name))
-  plan = _load_or_run_arrays(config.workdir, "plan", lambda: _plan(
+  begin("genes")
+  genes = _load_or_run_arrays(workdir, "genes", lambda: _search_genes(
+      config, model, structure, variables, fp, train_set, val, mean, std, augment_name))
+  begin("plan")
+  plan = _load_or_run_arrays(workdir, "plan", lambda: _plan(
       config, arch, structure, variables, fp, genes))
   masks, quant = _nest(plan, "masks"), _nest(plan, "quant")
   # Zeroed pruned weights change no masked output and stay zero in fine-tuning; they
   # keep DoReFa's per-kernel max|tanh W| equal to the compacted model's.
   pruned_vars = zero_pruned_weights({**variables, "masks": masks}, structure)
-  pruned = _load_or_run_json(config.workdir, "pruned", lambda: {
+  pruned = _load_or_run_json(workdir, "pruned", lambda: {
       "val": evaluate_dataset(model, pruned_vars, val, config.batch_size, mean, std),
       "cost": _cost_record(structure, masks, quant)})
 
+  begin("finetune")
   finetuned = pruned_vars
   if config.ft_epochs:
-    train_and_evaluate(_train_config(config, train_meta, data, "finetune", config.ft_epochs),
-                       variables=pruned_vars, print_fn=lambda s: None)
-    finetuned, _, _ = load_variables(os.path.join(config.workdir, "finetune"))
-  quantizer = make_quantizer(config.quantizer)
-  qat_start = _quantized_start(
-      arch, len(meta["class_names"]), quantizer, finetuned, masks, quant, spec.input_shape,
-      next(_fp_batches(train, config, mean, std)))
-  final = qat_start
+    finetuned = train(_train_config(config, train_meta, data, "finetune", config.ft_epochs),
+                      variables=pruned_vars, print_fn=lambda s: None)[0].variables
+  begin("qat")
+  quantizer = quantizers.make_quantizer(config.quantizer)
+  model_q = models.get_model(arch, num_classes=num_classes, quantizer=quantizer)
+  final = quantized_start(model_q, quantizer, finetuned, masks, quant, spec.input_shape,
+                          next(_fp_batches(train_set, config, mean, std)))
   if config.qat_epochs:
-    train_and_evaluate(_train_config(config, train_meta, data, "qat", config.qat_epochs),
-                       variables=qat_start, quantizer=quantizer, print_fn=lambda s: None)
-    final, _, _ = load_variables(os.path.join(config.workdir, "qat"))
-  model_q = models.get_model(arch, num_classes=len(meta["class_names"]), quantizer=quantizer)
-  deployed = _compact_and_export(config.workdir, arch, model_q, final, structure, quantizer,
+    final = train(_train_config(config, train_meta, data, "qat", config.qat_epochs),
+                  variables=final, quantizer=quantizer, print_fn=lambda s: None)[0].variables
+  engine.workdir.stop_if_interrupted(f"stopped before the export; finished stages are "
+                                     f"saved in {workdir}: rerun with --resume to continue")
+  deployed = _compact_and_export(workdir, arch, model_q, final, structure, quantizer,
                                  val.images[:CHECK_IMAGES], mean, std)
   results = {
       "arch": arch, "data": data, "checkpoint": os.path.abspath(config.checkpoint),
       "config": config.to_dict(), "baseline": baseline, "pruned": pruned,
-      "finetuned": {"val": evaluate_dataset(model, finetuned, val, config.batch_size, mean, std)},
+      "finetuned": {"val": evaluate_dataset(model, finetuned, val, config.batch_size, mean,
+                                            std)},
       "final": {"val": evaluate_dataset(model_q, final, val, config.batch_size, mean, std)},
       "genes": {"a": genes["a"].tolist(), "b": genes["b"].tolist()},
       "best_loss_history": genes["best_loss_history"].tolist(),
       "deployed": deployed,
   }
-  return report.write_report(config.workdir, results, structure, masks, quant, print_fn)
+  return report.write_report(workdir, results, structure, masks, quant, print_fn)

@@ -215,6 +215,15 @@ class PACT:
     return bypass_full_precision(bits, x, q)
 
 
+# The one table of quantizer names (``--quantizer``, a compress run's config.json).
+QUANTIZERS = {"dorefa": DoReFa, "lsq": LSQ, "pact": PACT}
+
+
+def make_quantizer(name: str):
+  """The quantizer called ``name`` (a key of :data:`QUANTIZERS`), with its defaults."""
+  return QUANTIZERS[name]()
+
+
 def _layer_inputs(model: nn.Module, variables: Mapping[str, Any], x: Array) -> dict[str, Array]:
   """Inputs of every LSQ-quantized ``QConv``/``QDense``, keyed by '/'-joined path."""
   inputs: dict[str, Array] = {}

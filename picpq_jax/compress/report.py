@@ -6,15 +6,11 @@ import json
 import os
 from typing import Any, Callable
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from picpq_jax.compress import cost_model as cost_lib  # pylint: disable=wrong-import-position
-from picpq_jax.models.structure import ModelStructure  # pylint: disable=wrong-import-position
-from picpq_jax.train.metrics import read_jsonl, write_atomic  # pylint: disable=wrong-import-position
+from picpq_jax.compress import cost_model as cost_lib
+from picpq_jax.models.structure import ModelStructure
+from picpq_jax.utils import figure, read_jsonl, write_atomic
 
 
 def layer_rows(structure: ModelStructure, masks, quant) -> list[dict[str, Any]]:
@@ -33,7 +29,8 @@ def layer_rows(structure: ModelStructure, masks, quant) -> list[dict[str, Any]]:
 def _plot_layers(path: str, rows: list[dict]) -> None:
   names = [r["layer"] for r in rows]
   x = np.arange(len(rows))
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.18), 6), sharex=True)
+  fig = figure(figsize=(max(8, len(rows) * 0.18), 6))
+  top, bottom = fig.subplots(2, 1, sharex=True)
   top.bar(x, [r["out"] / r["out_full"] for r in rows], color="tab:blue")
   top.set_ylabel("kept output channels")
   top.set_ylim(0, 1.05)
@@ -42,22 +39,22 @@ def _plot_layers(path: str, rows: list[dict]) -> None:
   bottom.set_xticks(x, names, rotation=90, fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _plot_evolution(path: str, history: list[float]) -> None:
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig = figure(figsize=(6, 3.5))
+  ax = fig.subplots()
   ax.plot(np.arange(len(history)), history, marker=".")
   ax.set_xlabel("generation")
   ax.set_ylabel("best validation loss in population")
   ax.set_title("(a, b) search")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _plot_curves(path: str, workdir: str) -> bool:
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig = figure(figsize=(6, 3.5))
+  ax = fig.subplots()
   drawn = False
   for stage in ("finetune", "qat"):
     metrics = os.path.join(workdir, stage, "metrics.jsonl")
@@ -72,7 +69,6 @@ def _plot_curves(path: str, workdir: str) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-  plt.close(fig)
   return drawn
 
 

@@ -1,29 +1,31 @@
-"""The ``(a, b)`` search driver: stages data, runs generations, checkpoints each one.
+"""The ``(a, b)`` search as a task of the run engine: each generation is a step.
 
-:mod:`picpq_jax.compress.evolution` holds the pure pieces; this module is the loop
-around them. One heavy program is compiled for a whole search (scoring
-``children`` candidates), plus two tiny ones (propose, replace). The population is
-saved (Orbax) after every generation, so a stopped search resumes where it stopped.
+:mod:`picpq_jax.compress.evolution` holds the pure pieces. Step 0 scores the initial
+population; step ``g`` runs generation ``g`` with :func:`evolution.evolve`. One heavy
+program is compiled for a whole search (scoring ``children`` candidates), shared by
+both. The engine (:func:`picpq_jax.engine.run_task`) saves the population after
+every generation, so a stopped search resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from picpq_jax import compile_options
 from picpq_jax import data as pdata
+from picpq_jax import engine
 from picpq_jax.compress import evolution, pic
-from picpq_jax.errors import UserError
 from picpq_jax.options import check, option
-from picpq_jax.train.checkpoint import Checkpoints
+from picpq_jax.utils import is_primary, read_json, write_json
 
 Array = jax.Array
 
@@ -91,11 +93,11 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
 
   Args:
     spec: static fitness description (model, optimizer, budget, strategy).
-    config: search settings.
+    config: search settings (all must match a search being resumed).
     variables: pretrained variables; fine-tuning of every candidate starts here.
     fp: ``{layer: float32 [C]}`` filter property.
     train, val: datasets the fitness draws its batches from.
-    workdir: checkpoint folder of the search.
+    workdir: the search's folder (``config.json``, ``checkpoints/``, ``metrics.jsonl``).
     seed: seed of genes, selection, mutation and batches.
     mesh: optional mesh with a ``population`` axis over which candidates are split.
     progress: show a progress bar.
@@ -103,70 +105,54 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
   """
   num_devices = 1 if mesh is None else mesh.size
   evolution.check_settings(config.population, config.sample, config.children, num_devices)
-  evaluate, propose, replace = _programs(spec, mesh, config.sample, config.children,
-                                        config.generations, config.mutation_rate)
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    engine.check_resume(read_json(saved), config, workdir)
+  elif is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    write_json(saved, dataclasses.asdict(config))
+  evaluate = _evaluate_program(spec, mesh)
   fp_std = pic.fp_std(fp, spec.structure)
   key = jax.random.key(seed)
-  checkpoints = Checkpoints(workdir, save_every=1, keep=2)
-  meta = {"config": dataclasses.asdict(config)}
 
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    template = _template(spec, config)
-    population, saved = checkpoints.restore(template, latest)
-    if saved.get("config") != meta["config"]:
-      raise UserError(f"cannot resume the search in {workdir}: it was run with other "
-                      f"settings ({saved.get('config')}); use the same or another workdir")
-    history = list(saved["best_loss_history"])
-  else:
-    a, b = evolution.initial_population(jax.random.fold_in(key, 0), fp, spec.structure,
-                                        config.population)
-    data0 = stage_search_data(train, val, config, seed, 0)
-    k = config.children  # the same program scores the initial population, k at a time
-    loss = jnp.concatenate([
-        evaluate(variables, fp, data0, jax.random.fold_in(key, 1), a[i:i + k], b[i:i + k])
-        for i in range(0, config.population, k)])
-    population = evolution.Population(
-        a=a, b=b, loss=loss, born=jnp.zeros(config.population, jnp.int32),
-        generation=jnp.int32(0))
-    history = [float(jnp.min(loss))]
-    checkpoints.save(0, population, {**meta, "best_loss_history": history}, force=True)
+  def step(population, data, index):
+    if index == 0:  # score the initial population, `children` at a time
+      a, b = evolution.initial_population(jax.random.fold_in(key, 0), fp, spec.structure,
+                                          config.population)
+      k = config.children
+      loss = jnp.concatenate([
+          evaluate(variables, fp, data, jax.random.fold_in(key, 1), a[i:i + k], b[i:i + k])
+          for i in range(0, config.population, k)])
+      population = evolution.Population(
+          a=a, b=b, loss=loss, born=jnp.zeros(config.population, jnp.int32),
+          generation=jnp.int32(0))
+    else:
+      population = evolution.evolve(
+          population, jax.random.fold_in(key, 1000 + index - 1), variables, fp, data,
+          evaluate=evaluate, fp_std=fp_std, sample=config.sample, children=config.children,
+          generations=config.generations, mutation_rate=config.mutation_rate)
+    return population, {"best_loss": float(jnp.min(population.loss))}
 
-  start = int(population.generation)
-  end = config.generations if stop_after is None else min(config.generations, stop_after)
-  bar = tqdm(total=config.generations, initial=start, disable=not progress,
-             desc="evolution", unit="gen", dynamic_ncols=True)
-  for gen in range(start, end):
-    data = stage_search_data(train, val, config, seed, gen + 1)
-    k_propose, k_eval = jax.random.split(jax.random.fold_in(key, 1000 + gen))
-    a, b = propose(population, k_propose, fp_std)
-    population = replace(population, a, b, evaluate(variables, fp, data, k_eval, a, b))
-    history.append(float(jnp.min(population.loss)))
-    checkpoints.save(gen + 1, population, {**meta, "best_loss_history": history})
-    bar.update(1)
-    bar.set_postfix(best_loss=f"{history[-1]:.4f}")
-  bar.close()
-  checkpoints.close()
-  a, b, loss = evolution.best(population)
-  return SearchResult(np.asarray(a), np.asarray(b), float(loss), tuple(history),
-                      int(population.generation))
+  template = _template(spec, config)
+  task = engine.Task(
+      init=lambda: template, template=template, total=config.generations + 1,
+      batches=lambda start: (stage_search_data(train, val, config, seed, g)
+                             for g in itertools.count(start)),
+      step=step, label="evolution", unit="gen")
+  outcome = engine.run_task(task, workdir, progress=progress,
+                            stop_at=None if stop_after is None else stop_after + 1)
+  a, b, loss = evolution.best(outcome.state)
+  return SearchResult(np.asarray(a), np.asarray(b), float(loss),
+                      tuple(r["best_loss"] for r in outcome.records),
+                      int(outcome.state.generation))
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(spec: evolution.FitnessSpec, mesh: Mesh | None, sample: int, children: int,
-              generations: int, mutation_rate: float):
-  """The jitted pieces of a generation (:func:`evolution.evolve` split in three, so
-  the initial population reuses the one heavy program), cached on their static
-  inputs so a resumed or repeated search in the same process compiles nothing new.
-
-  Returns ``(evaluate, propose, replace)``: ``evaluate`` scores ``children``
-  candidates (prune, fine-tune, validate); the other two are small.
-  """
-  evaluate = compile_options.jit(evolution.sharded_population_loss(spec, mesh))
-  propose = jax.jit(functools.partial(
-      evolution.propose, sample=sample, children=children, generations=generations,
-      mutation_rate=mutation_rate))
-  return evaluate, propose, jax.jit(evolution.replace_oldest)
+def _evaluate_program(spec: evolution.FitnessSpec, mesh: Mesh | None):
+  """The jitted heavy program that scores ``children`` candidates (prune, fine-tune,
+  validate), cached so that a resumed or repeated search in the same process compiles
+  nothing new; the initial population and every generation use it."""
+  return compile_options.jit(evolution.sharded_population_loss(spec, mesh))
 
 
 def _template(spec, config: SearchConfig) -> evolution.Population:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS
+from picpq_jax.utils import tree_bytes  # noqa: F401  (re-exported)
 
 RANGE_BYTES = 8  # lo and hi of a quantized message, two float32 numbers
 
@@ -37,11 +38,6 @@ def message_bytes(shape: tuple[int, ...], dtype: Any, bits: int = FULL_PRECISION
   if bits >= FULL_PRECISION_BITS:
     return size * np.dtype(dtype).itemsize
   return -(-size * bits // 8) + RANGE_BYTES
-
-
-def tree_bytes(tree: Any) -> int:
-  """Raw bytes of every leaf of a pytree of arrays or ``ShapeDtypeStruct`` s."""
-  return sum(message_bytes(tuple(x.shape), x.dtype) for x in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)

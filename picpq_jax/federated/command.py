@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 from picpq_jax.federated.config import FederatedConfig
+from picpq_jax.options import add_config_options, config_from_args
 
 
 def _run(args: argparse.Namespace) -> int:
-  from picpq_jax.cli import config_from_args
-  from picpq_jax.federated.distributed import initialize_if_multihost
   from picpq_jax.federated.run import run_federated
   config = config_from_args(FederatedConfig, args)
-  initialize_if_multihost()  # before any array exists
   run_federated(config)
   return 0
 
@@ -25,7 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     picpq federated --arch resnet20 --clients 8 --partition dirichlet --alpha 0.5 \\
         --cut 1 --rounds 20 --methods splitfed,fedavg,centralized --smashed-bits 8
   """
-  from picpq_jax.cli import add_config_options  # the CLI imports this module
   parser = subparsers.add_parser(
       "federated", help="federated split training (SplitFed, sequential server, FedAvg, "
       "centralized) over a 'clients' device mesh; report accuracy and bytes",

@@ -17,13 +17,6 @@ METHODS = ("splitfed", "sequential", "fedavg", "centralized")
 SPLIT_METHODS = ("splitfed", "sequential")
 CLIENT_LOOPS = ("vmap", "unroll")
 
-# Fields that must match between a checkpoint and a resumed run (the rest, such as
-# --devices or --client-loop, change how the work is laid out, not what it computes).
-RESUME_FIELDS = ("arch", "data", "val_size", "train_size", "clients", "partition", "alpha",
-                 "classes_per_client", "min_client_size", "participation", "cut", "rounds",
-                 "local_steps", "batch_size", "lr", "schedule", "momentum", "weight_decay",
-                 "sync_optimizer", "smashed_bits", "seed", "client_from", "client_weights", "init_from")
-
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
@@ -31,10 +24,10 @@ class FederatedConfig:
 
   arch: str = option("resnet20", "architecture: resnet8..resnet110, vgg16, mobilenetv2 or resnet18")
   data: str = option("embedded", "'embedded', a folder or .zip of <split>/<class>/<file>, a cifar-10-batches-py folder, or tfds:NAME")
-  workdir: str = option("runs/federated", "where each method's checkpoints and metrics, results.json, report.md and plot.png go")
+  workdir: str = option("runs/federated", "where each method's checkpoints and metrics, results.json, report.md and plot.png go", may_change=True)
   val_size: int = option(500, "images held out from the training split for validation")
   train_size: int = option(0, "train on a seeded subset of this many images (0: all the rest)")
-  methods: str = option("splitfed,sequential,fedavg,centralized", "comma-separated methods: splitfed (SplitFed-V1), sequential (one server model, clients in turn), fedavg, centralized")
+  methods: str = option("splitfed,sequential,fedavg,centralized", "comma-separated methods: splitfed (SplitFed-V1), sequential (one server model, clients in turn), fedavg, centralized", may_change=True)
   clients: int = option(8, "number of simulated clients")
   partition: str = option("iid", "how the training images are split over clients: iid, dirichlet or classes")
   alpha: float = option(0.5, "Dirichlet concentration over labels (--partition dirichlet)")
@@ -42,7 +35,7 @@ class FederatedConfig:
   min_client_size: int = option(10, "smallest client a Dirichlet draw may produce")
   participation: float = option(1.0, "fraction of clients (seeded sample) taking part in each round")
   cut: int = option(1, "split point, after piece k: CIFAR ResNets 0 (stem) or 1..3 (stage k); resnet18 0..4; vgg16 1..5 (conv group k with its pool); mobilenetv2 0 (stem) or 1..7 (stage k)")
-  rounds: int = option(10, "communication rounds")
+  rounds: int = option(10, "communication rounds", may_change=True)
   local_steps: int = option(10, "local SGD steps per client and round (E); averaging every E steps")
   batch_size: int = option(32, "batch size of each client (centralized: this times the clients per round)")
   lr: float = option(0.05, "peak learning rate")
@@ -54,15 +47,15 @@ class FederatedConfig:
   client_from: str = option("", "a `picpq compress` workdir: split the PIC-PQ model (its plan's masks and bit-widths, its quantizer, its newest weights) so the client runs the pruned, low-bit front; split methods only")
   client_weights: str = option("newest", "which weights of --client-from start the run: newest (qat/, else finetune/, else the compressed checkpoint with pruned weights zeroed), qat, finetune or checkpoint")
   init_from: str = option("", "start every method from this `picpq train` workdir's weights instead of a random initialization")
-  devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide the clients per round)")
-  client_loop: str = option("vmap", "how a device runs several clients: vmap, or unroll (one after another in one program; faster on CPU)")
-  eval_every: int = option(1, "evaluate every N rounds (and after the last)")
+  devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide the clients per round)", may_change=True)
+  client_loop: str = option("vmap", "how a device runs several clients: vmap, or unroll (one after another in one program; faster on CPU)", may_change=True)
+  eval_every: int = option(1, "evaluate every N rounds (and after the last)", may_change=True)
   seed: int = option(0, "seed of the split, partition, participation, shuffling, augmentation and initialization")
-  keep_checkpoints: int = option(2, "how many recent round checkpoints to keep per method")
-  resume: bool = option(False, "continue each method from its newest checkpoint in workdir")
-  cache_dir: str | None = option(None, "cache of decoded images (default $PICPQ_CACHE or ~/.cache/picpq_jax)")
-  progress: bool = option(True, "show a progress bar")
-  plot: bool = option(True, "write plot.png (needs matplotlib)")
+  keep_checkpoints: int = option(2, "how many recent round checkpoints to keep per method", may_change=True)
+  resume: bool = option(False, "continue each method from its newest checkpoint in workdir", may_change=True)
+  cache_dir: str | None = option(None, "cache of decoded images (default $PICPQ_CACHE or ~/.cache/picpq_jax)", may_change=True)
+  progress: bool = option(True, "show a progress bar", may_change=True)
+  plot: bool = option(True, "write plot.png (needs matplotlib)", may_change=True)
 
   def __post_init__(self):
     check(self.val_size >= 0, "val_size", self.val_size, "an integer >= 0")

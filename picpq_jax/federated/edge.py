@@ -1,10 +1,12 @@
 """What the edge device runs and what it costs: starting weights, the PIC-PQ client.
 
 ``picpq federated --client-from <picpq compress workdir>`` splits the compressed model
-instead of a fresh one: :func:`load_compressed` reads the workdir's ``plan.npz``
-(``masks/<group>`` 0/1 vectors and ``quant/<layer>/{w_bits,a_bits}``), its newest
-trained weights (``qat/``, else ``finetune/``, else the ``picpq train`` checkpoint it
-compressed, with the pruned weights zeroed) and its quantizer (``config.json``). The
+instead of a fresh one: :func:`load_compressed` reads the run with
+:func:`picpq_jax.engine.load_compressed` (its plan's masks and bit-widths, its
+quantizer, each stage's weights) and starts from its newest trained weights (``qat/``,
+else ``finetune/``, else the ``picpq train`` checkpoint it compressed, with the pruned
+weights zeroed), as :func:`picpq_jax.compress.pipeline.quantized_start` starts
+quantization-aware training. The
 whole model is the compressed one (pruned, every layer at its planned bits); the cut
 puts its front on the client, which therefore runs masked and fake-quantized, and its
 back on the server (not an edge cost). ``--init-from`` starts from a plain ``picpq
@@ -20,7 +22,6 @@ entries (:func:`picpq_jax.compress.compact` slices them out).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -30,18 +31,19 @@ import numpy as np
 from flax import traverse_util
 
 from picpq_jax import data as pdata
+from picpq_jax import engine
 from picpq_jax import models
-from picpq_jax.compress import cost_model, quantizers
+from picpq_jax.compress import cost_model
 from picpq_jax.compress.compact import compact, zero_pruned_weights
+from picpq_jax.compress.pipeline import quantized_start
+from picpq_jax.compress.quantizers import make_quantizer
 from picpq_jax.errors import UserError
-from picpq_jax.federated.comm import tree_bytes
 from picpq_jax.federated.split import SplitModel, split_model
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 from picpq_jax.models.structure import ModelStructure
-from picpq_jax.train.checkpoint import load_variables
+from picpq_jax.utils import tree_bytes
 
-QUANTIZERS = {"dorefa": quantizers.DoReFa, "lsq": quantizers.LSQ, "pact": quantizers.PACT}
-WEIGHT_STAGES = ("qat", "finetune")  # newest first
+WEIGHT_STAGES = engine.artifacts.WEIGHT_STAGES  # newest first
 CLIENT_WEIGHTS = ("newest", *WEIGHT_STAGES, "checkpoint")
 
 
@@ -63,11 +65,6 @@ class Start:
   info: dict
 
 
-def _has_checkpoint(path: str) -> bool:
-  ckpt = os.path.join(path, "checkpoints")
-  return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
-
-
 def _check_source(meta: dict, arch: str, num_classes: int, flag: str, path: str) -> None:
   source = meta["config"]["arch"]
   if source != arch:
@@ -76,28 +73,6 @@ def _check_source(meta: dict, arch: str, num_classes: int, flag: str, path: str)
   if len(meta["class_names"]) != num_classes:
     raise UserError(f"{flag} {path} has {len(meta['class_names'])} classes but --data has "
                     f"{num_classes}: use the data it was trained on")
-
-
-def load_plan(workdir: str) -> tuple[dict, dict]:
-  """``(masks, quant)`` of a ``picpq compress`` workdir's ``plan.npz``, as nested dicts.
-
-  ``masks`` is ``{group: float32 [C]}``, ``quant`` ``{layer path...: {"w_bits",
-  "a_bits"}}`` with int32 scalars (the model's ``quant`` collection).
-  """
-  path = os.path.join(workdir, "plan.npz")
-  if not os.path.exists(path):
-    raise UserError(f"--client-from {workdir} has no plan.npz: pass the workdir of a `picpq "
-                    f"compress` run that has finished its plan stage")
-  with np.load(path) as f:
-    tree = traverse_util.unflatten_dict({k: jnp.asarray(f[k]) for k in f.files}, sep="/")
-  return dict(tree.get("masks", {})), dict(tree.get("quant", {}))
-
-
-def _fill_params(fresh: dict, params: dict) -> dict:
-  """``params`` plus any parameter of ``fresh`` they lack (new quantizer parameters)."""
-  flat = traverse_util.flatten_dict(fresh)
-  flat.update(traverse_util.flatten_dict(params))
-  return traverse_util.unflatten_dict(flat)
 
 
 def load_compressed(workdir: str, arch: str, num_classes: int,
@@ -120,61 +95,48 @@ def load_compressed(workdir: str, arch: str, num_classes: int,
     A :class:`Start` whose masks and bit-widths are the plan's, whose weights are the
     chosen ones, and whose quantizer is the run's (``config.json``).
   """
-  workdir = os.path.abspath(workdir)
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise UserError(f"--client-from {workdir} is not a `picpq compress` workdir (no "
-                    f"config.json): pass the --workdir of a compress run")
-  with open(config_path, encoding="utf-8") as f:
-    compress_config = json.load(f)
-  masks, quant = load_plan(workdir)
-  base_vars, meta, base_step = load_variables(compress_config["checkpoint"])
-  _check_source(meta, arch, num_classes, "--client-from", workdir)
-  quantizer = QUANTIZERS[compress_config.get("quantizer", "dorefa")]()
+  run = engine.load_compressed(workdir)
+  meta = run.source.meta
+  _check_source(meta, arch, num_classes, "--client-from", run.workdir)
+  quantizer = make_quantizer(run.quantizer)
   model = models.get_model(arch, num_classes=num_classes, quantizer=quantizer)
   spec = models.get_spec(arch)
   structure = models.model_structure(model, spec.input_shape)
   if weights == "newest":
-    stage = next((s for s in WEIGHT_STAGES if _has_checkpoint(os.path.join(workdir, s))), None)
+    stage = next((s for s in WEIGHT_STAGES if s in run.stages), None)
   elif weights in WEIGHT_STAGES:
     stage = weights
-    if not _has_checkpoint(os.path.join(workdir, stage)):
-      raise UserError(f"--client-from {workdir} has no {stage}/ checkpoint yet: pass "
+    if stage not in run.stages:
+      raise UserError(f"--client-from {run.workdir} has no {stage}/ checkpoint yet: pass "
                       f"--client-weights with one of {', '.join(CLIENT_WEIGHTS)}")
   else:
     stage = None
   if stage is None:
-    source = zero_pruned_weights({**base_vars, "masks": masks}, structure)
-    weights = f"{compress_config['checkpoint']} step {base_step}, pruned weights zeroed"
+    source = zero_pruned_weights({**run.source.variables, "masks": run.masks}, structure)
+    weights = f"{run.config['checkpoint']} step {run.source.step}, pruned weights zeroed"
   else:
-    source, _, step = load_variables(os.path.join(workdir, stage))
-    weights = f"{stage}/ step {step}"
-  # Quantizer parameters that the weights lack (LSQ steps, PACT clips) start at their
-  # initializers' values, as `picpq compress` starts quantization-aware training.
-  init = lambda: models.init_variables(model, jax.random.key(0), spec.input_shape)
-  fresh = jax.eval_shape(init)
-  params = source["params"]
-  if set(traverse_util.flatten_dict(fresh["params"])) - set(traverse_util.flatten_dict(params)):
-    params = _fill_params(init()["params"], params)
-  variables = {"params": params, "batch_stats": source["batch_stats"], "masks": masks,
-               "quant": quant}
-  _check_tree(variables, fresh, "--client-from", workdir)
-  if isinstance(quantizer, quantizers.LSQ) and stage != "qat":
-    if calibration is None:
-      raise UserError("LSQ steps need calibration images: pass calibration=")
-    norm = meta["normalization"]
-    variables = quantizers.calibrate_lsq(model, variables, pdata.normalize(
-        calibration, np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)))
-  info = {"client_from": workdir, "weights": weights,
-          "quantizer": compress_config.get("quantizer", "dorefa"),
-          "kept_channels": {g: int(np.sum(np.asarray(m))) for g, m in masks.items()},
-          "group_sizes": {g: int(np.size(m)) for g, m in masks.items()}}
+    source = run.stages[stage].variables
+    weights = f"{stage}/ step {run.stages[stage].step}"
+  fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0),
+                                                       spec.input_shape))
+  _check_tree(source, fresh, "--client-from", run.workdir)
+  norm = meta["normalization"]
+  if calibration is not None:
+    calibration = pdata.normalize(calibration, np.asarray(norm["mean"], np.float32),
+                                  np.asarray(norm["std"], np.float32))
+  variables = quantized_start(model, quantizer, source, run.masks, run.quant,
+                              spec.input_shape, calibration)
+  info = {"client_from": run.workdir, "weights": weights, "quantizer": run.quantizer,
+          "kept_channels": {g: int(np.sum(np.asarray(m))) for g, m in run.masks.items()},
+          "group_sizes": {g: int(np.size(m)) for g, m in run.masks.items()}}
   return Start(variables, quantizer, meta, info)
 
 
 def _check_tree(variables: dict, expected: dict, flag: str, path: str) -> None:
-  shapes = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
-  if shapes(variables) != shapes({k: expected[k] for k in variables}):
+  """UserError unless every array of ``variables`` has its shape in ``expected``."""
+  have = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats")})
+  want = traverse_util.flatten_dict({k: expected[k] for k in ("params", "batch_stats")})
+  if any(k not in want or np.shape(v) != tuple(want[k].shape) for k, v in have.items()):
     raise UserError(f"{flag} {path} holds variables of a different model than --arch builds "
                     f"(other widths or layers): pass a run of this architecture")
 
@@ -182,7 +144,7 @@ def _check_tree(variables: dict, expected: dict, flag: str, path: str) -> None:
 def load_start(path: str, arch: str, num_classes: int) -> Start:
   """Whole-model variables of a ``picpq train`` workdir (``--init-from``), as they were
   saved (masks and bit-widths included), with a full-precision model."""
-  variables, meta, step = load_variables(path)
+  variables, meta, step = engine.load_trained(path, "--init-from")
   _check_source(meta, arch, num_classes, "--init-from", path)
   model = models.get_model(arch, num_classes=num_classes)
   spec = models.get_spec(arch)

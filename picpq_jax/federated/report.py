@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from picpq_jax import models
-from picpq_jax.errors import UserError
 from picpq_jax.federated.comm import message_bytes
 from picpq_jax.federated.config import SPLIT_METHODS, FederatedConfig
 from picpq_jax.federated.split import valid_cuts
+from picpq_jax.utils import figure
 
 LABELS = {"splitfed": "SplitFed-V1", "sequential": "Split, sequential server",
           "fedavg": "FedAvg", "centralized": "Centralized"}
@@ -169,13 +169,8 @@ def histogram_rows(hist: Sequence[Sequence[int]], class_names: Sequence[str]) ->
 
 def plot(results: dict[str, Any], path: str, title: str | None = None) -> None:
   """``plot.png``: validation accuracy against rounds and against bytes communicated."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise UserError("the plot needs matplotlib: pip install matplotlib, or pass --no-plot") from None
-  fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig = figure(figsize=(11, 4.2))
+  ax_r, ax_b = fig.subplots(1, 2)
   for name, s in results["runs"].items():
     pts = [p for p in s["curve"] if p["val_accuracy"] is not None]
     if not pts:
@@ -195,5 +190,4 @@ def plot(results: dict[str, Any], path: str, title: str | None = None) -> None:
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import itertools
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -25,21 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from picpq_jax import data as pdata
+from picpq_jax import engine
 from picpq_jax import models
 from picpq_jax.errors import UserError
 from picpq_jax.federated import comm, edge as fedge, partition as fpart, report, rounds
-from picpq_jax.federated.config import RESUME_FIELDS, SPLIT_METHODS, FederatedConfig
+from picpq_jax.federated.config import SPLIT_METHODS, FederatedConfig
 from picpq_jax.federated.distributed import AXIS, clients_mesh
 from picpq_jax.federated.split import SplitModel, split_model
 from picpq_jax.federated.steps import PartState, constants, model_step, split_step
 from picpq_jax.train import optim
-from picpq_jax.train.checkpoint import Checkpoints
 from picpq_jax.train.loop import evaluate
-from picpq_jax.train.metrics import JsonlWriter, read_jsonl, write_atomic
 from picpq_jax.train.steps import jit_eval_step
+from picpq_jax.utils import is_primary, write_atomic, write_json
 
 
 class FedState(flax.struct.PyTreeNode):
@@ -121,35 +120,6 @@ def load_client_data(config: FederatedConfig, input_shape: tuple[int, ...]):
       classes_per_client=config.classes_per_client,
       min_size=min(config.min_client_size, max(1, len(train) // config.clients)))
   return train, val, parts
-
-
-def _check_resume(meta: dict, config: FederatedConfig, split_method: bool, directory: str) -> None:
-  saved = meta.get("config", {})
-  for field in RESUME_FIELDS:
-    if not split_method and field in ("cut", "smashed_bits"):
-      continue
-    if field in saved and saved[field] != getattr(config, field):
-      raise UserError(
-          f"cannot resume {directory}: it was made with --{field.replace('_', '-')}="
-          f"{saved[field]!r}, not {getattr(config, field)!r}; pass the same value or "
-          f"choose another --workdir")
-
-
-def _open_checkpoints(config: FederatedConfig, directory: str,
-                      split_method: bool) -> tuple[Checkpoints, int | None]:
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  latest = None
-  if os.path.isdir(ckpt_dir):
-    probe = Checkpoints(ckpt_dir)
-    latest = probe.latest_step()
-    probe.close()
-  if latest is not None and not config.resume:
-    raise UserError(f"{directory} already holds a checkpoint (round {latest}): pass --resume "
-                    f"to continue it, or choose another --workdir")
-  checkpoints = Checkpoints(ckpt_dir, 1, config.keep_checkpoints)
-  if latest is not None:
-    _check_resume(checkpoints.restore_meta(latest), config, split_method, directory)
-  return checkpoints, latest
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -262,7 +232,7 @@ def _run_round(setup: Setup, method: str, program: Program, state: FedState,
                                 jnp.asarray(c.smashed_bits, jnp.int32))
   state = FedState(round=jnp.asarray(r + 1, jnp.int32), parts=parts)
   out = {k: float(v) for k, v in jax.device_get(out).items()}
-  record = {"step": r + 1, "round": r + 1, "lr": float(lrs[-1]),
+  record = {"round": r + 1, "lr": float(lrs[-1]),
             "train_loss": out["loss_sum"] / out["count"],
             "train_accuracy": out["correct"] / out["count"],
             "participants": [int(i) for i in ids],
@@ -279,54 +249,30 @@ def _run_round(setup: Setup, method: str, program: Program, state: FedState,
 
 
 def train_method(setup: Setup, method: str, stop_after_round: int | None = None,
-                 print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+                 resume: bool = False) -> dict[str, Any]:
   """Trains one method for ``config.rounds`` rounds (resuming its checkpoint); returns
   its summary (see :func:`picpq_jax.federated.report.summarize`)."""
   c = setup.config
   name = c.run_name(method)
   directory = os.path.join(os.path.abspath(c.workdir), name)
-  checkpoints, latest = _open_checkpoints(c, directory, method in SPLIT_METHODS)
   program = _method_program(setup, method)
   replicated = NamedSharding(setup.mesh, P())
   program = program._replace(state=jax.device_put(program.state, replicated),
                              consts=jax.device_put(program.consts, replicated))
-  state = program.state
-  if latest is not None:
-    state, _ = checkpoints.restore(state, latest)
-  start = int(jax.device_get(state.round))
-  primary = jax.process_index() == 0  # one host writes the files a person reads
-  path = os.path.join(directory, "metrics.jsonl")
-  records = ([rec for rec in read_jsonl(path) if rec["step"] <= start]
-             if latest is not None and os.path.exists(path) else [])
-  metrics = JsonlWriter(path, resume_from_step=start if latest is not None else None) \
-      if primary else None
-  bar = tqdm(total=c.rounds, initial=start, disable=not (c.progress and primary), desc=name,
-             unit="round", dynamic_ncols=True)
-  r = start
-  try:
-    while r < c.rounds and (stop_after_round is None or r < stop_after_round):
-      state, record = _run_round(setup, method, program, state, r)
-      r += 1
-      checkpoints.save(r, state, {**setup.meta, "method": method, "round": r}, force=True)
-      records.append(record)
-      if metrics:
-        metrics.write(record)
-      bar.update(1)
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                      acc=f"{record.get('val_accuracy', float('nan')):.3f}",
-                      MB=f"{sum(x['total_bytes'] for x in records) / 1e6:,.1f}")
-  except KeyboardInterrupt:
-    print_fn(f"interrupted in round {r + 1} of {name}; rounds 1..{checkpoints.latest_step() or 0} "
-             f"are saved in {directory}: rerun with --resume to continue")
-    raise
-  finally:
-    bar.close()
-    if metrics:
-      metrics.close()
-    checkpoints.close()
-  summary = report.summarize(name, method, c, records)
-  if primary:
-    write_atomic(os.path.join(directory, "summary.json"), json.dumps(summary, indent=2))
+
+  def step(state, r, index):
+    del index  # = r
+    return _run_round(setup, method, program, state, r)
+
+  task = engine.Task(
+      init=lambda: program.state, template=program.state, total=c.rounds,
+      batches=itertools.count, step=step, keep=c.keep_checkpoints,
+      meta={**setup.meta, "method": method}, label=name, unit="round")
+  outcome = engine.run_task(task, directory, resume=resume, progress=c.progress,
+                            stop_at=stop_after_round)
+  summary = report.summarize(name, method, c, outcome.records)
+  if is_primary():
+    write_json(os.path.join(directory, "summary.json"), summary)
   return summary
 
 
@@ -404,7 +350,8 @@ def run_federated(config: FederatedConfig, *, stop_after_round: int | None = Non
                   print_fn: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains every method of ``config`` and writes the report to ``config.workdir``.
 
-  On several hosts, call :func:`~picpq_jax.federated.initialize_if_multihost` first.
+  On several hosts, call :func:`picpq_jax.utils.initialize_if_multihost` first (the
+  `picpq` command does, for every subcommand).
 
   Args:
     config: the run's options.
@@ -417,10 +364,13 @@ def run_federated(config: FederatedConfig, *, stop_after_round: int | None = Non
     accuracy per round and bytes communicated.
   """
   t_start = time.time()
+  workdir = engine.open_workdir(config)
   setup = setup_run(config, print_fn)
+  if is_primary():
+    workdir.write_config()
   runs = {}
   for method in config.method_list:
-    summary = train_method(setup, method, stop_after_round, print_fn)
+    summary = train_method(setup, method, stop_after_round, workdir.resuming)
     runs[summary["name"]] = summary
   results = {
       "config": config.to_dict(), "num_train": len(setup.train), "num_val": len(setup.val),
@@ -432,10 +382,9 @@ def run_federated(config: FederatedConfig, *, stop_after_round: int | None = Non
   }
   if setup.edge is not None:
     results["edge"] = {k: v for k, v in setup.edge.items() if k != "client_sent"}
-  os.makedirs(config.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    write_atomic(os.path.join(config.workdir, "results.json"), json.dumps(results, indent=2))
-    write_atomic(os.path.join(config.workdir, "report.md"), report.markdown(results))
+  if is_primary():
+    workdir.write_json("results.json", results)
+    write_atomic(workdir.file("report.md"), report.markdown(results))
     if config.plot:
       report.plot(results, os.path.join(config.workdir, "plot.png"))
   print_fn(report.table(results))

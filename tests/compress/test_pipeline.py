@@ -1,17 +1,23 @@
 """The picpq compress pipeline end to end on a tiny run: every stage, the report's
-numbers against the cost formulas, compaction and export, resume, and bad input."""
+numbers against the cost formulas, compaction and export, resume (after SIGTERM and
+SIGKILL, and with a changed option: refused or restarted), and bad input."""
 
 import json
 import os
+import signal
+import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from picpq_jax import cli
 from picpq_jax.compress import CompressConfig, run_compress
+from picpq_jax.engine import load_trained
 from picpq_jax.errors import UserError
 from picpq_jax.train import TrainConfig, train_and_evaluate
+from tests.engine.harness import interrupt_after_first_checkpoint, tree_files
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +46,16 @@ def _config(trained, workdir, **kw):
   return CompressConfig(**{**settings, **kw})
 
 
-def test_pipeline_runs_every_stage_and_reports_consistent_costs(trained, tmp_path):
-  report = run_compress(_config(trained, tmp_path / "c"), print_fn=lambda s: None)
-  files = set(os.listdir(tmp_path / "c"))
+@pytest.fixture(scope="module")
+def full_run(trained, tmp_path_factory):
+  """An uninterrupted run of every stage: ``(workdir, report)``."""
+  work = tmp_path_factory.mktemp("full") / "c"
+  return work, run_compress(_config(trained, work), print_fn=lambda s: None)
+
+
+def test_pipeline_runs_every_stage_and_reports_consistent_costs(trained, full_run):
+  work, report = full_run
+  files = set(os.listdir(work))
   for name in ("baseline.json", "filter_property.npz", "genes.npz", "plan.npz", "pruned.json",
                "report.json", "report.md", "layers.png", "curves.png", "model.npz"):
     assert name in files, name
@@ -65,24 +78,69 @@ def test_pipeline_runs_every_stage_and_reports_consistent_costs(trained, tmp_pat
   assert d["loaded_vs_masked_max_logit_diff"] < 1e-3 * max(1.0, d["logits_max_abs"])
   assert d["check_images"] > 0 and d["compacted_vs_masked_top1_agreement"] == 1.0
   assert d["file_bytes"] < d["float32_bytes"] / 2
-  saved = json.loads((tmp_path / "c" / "report.json").read_text())
+  saved = json.loads((work / "report.json").read_text())
   assert saved["final"]["val"]["accuracy"] == report["final"]["val"]["accuracy"]
 
   # A second run refuses to overwrite; --resume reuses every finished stage.
   with pytest.raises(UserError, match="--resume"):
-    run_compress(_config(trained, tmp_path / "c"), print_fn=lambda s: None)
-  before = os.path.getmtime(tmp_path / "c" / "plan.npz")
-  again = run_compress(_config(trained, tmp_path / "c", resume=True), print_fn=lambda s: None)
-  assert os.path.getmtime(tmp_path / "c" / "plan.npz") == before
+    run_compress(_config(trained, work), print_fn=lambda s: None)
+  before = os.path.getmtime(work / "plan.npz")
+  again = run_compress(_config(trained, work, resume=True), print_fn=lambda s: None)
+  assert os.path.getmtime(work / "plan.npz") == before
   assert again["final"]["val"] == report["final"]["val"]
   assert again["cost"] == report["cost"]
 
 
-def test_no_evolution_uses_unit_genes(trained, tmp_path):
-  report = run_compress(_config(trained, tmp_path / "c", evolution=False, ft_epochs=0,
-                                qat_epochs=0, criterion="l1"), print_fn=lambda s: None)
+def _argv(trained, workdir, *extra):
+  return ["compress", "--from", trained, "--workdir", str(workdir), "--population", "2",
+          "--sample", "1", "--generations", "1", "--tau-hat", "1", "--search-val-size", "16",
+          "--ft-epochs", "1", "--qat-epochs", "1", "--fp-batches", "1", "--fp-batch-size", "16",
+          "--batch-size", "16", "--target", "0.5", "--no-progress", *extra]
+
+
+def test_sigterm_sigkill_resume_equals_the_uninterrupted_run(trained, full_run, tmp_path):
+  """SIGTERM in the search, SIGKILL in fine-tuning, then --resume: the same plan, final
+  weights and report as a run never stopped."""
+  work = tmp_path / "c"
+  command = [sys.executable, "-m", "picpq_jax.cli", *_argv(trained, work)]
+  term = interrupt_after_first_checkpoint(command, str(work / "evolution" / "checkpoints"),
+                                          signal.SIGTERM)
+  lines = term.stderr.strip().splitlines()
+  assert term.returncode == 143 and len(lines) == 1 and "SIGTERM: stopped after gen" in lines[0]
+  kill = interrupt_after_first_checkpoint([*command, "--resume"],
+                                          str(work / "finetune" / "checkpoints"), signal.SIGKILL)
+  assert kill.returncode == -signal.SIGKILL
+  report = run_compress(_config(trained, work, resume=True), print_fn=lambda s: None)
+  full_work, full = full_run
+  assert report["final"] == full["final"] and report["cost"] == full["cost"]
+  assert report["best_loss_history"] == full["best_loss_history"]
+  for a, b in zip(*(jax.tree.leaves(load_trained(p / "qat").variables) for p in (work, full_work))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_evolution_uses_unit_genes_and_resume_checks_each_stage(trained, tmp_path, capsys):
+  quick = ("--no-evolution", "--ft-epochs", "0", "--qat-epochs", "0", "--criterion", "l1")
+  work = tmp_path / "c"
+  assert cli.main(_argv(trained, work, *quick)) == 0
+  report = json.loads((work / "report.json").read_text())
   assert set(report["genes"]["a"]) == {1.0} and set(report["genes"]["b"]) == {0.0}
   assert report["best_loss_history"] == []
+
+  # --resume with another --target: refused in one line (nothing written), or redone
+  # from the first stage that depends on it.
+  capsys.readouterr()
+  before = tree_files(work)
+  assert cli.main(_argv(trained, work, *quick, "--resume", "--target", "0.4")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and ("its genes stage was made with --target=0.5, not 0.4: pass "
+                            "--target 0.5, or --restart-from genes") in err[0], err
+  assert tree_files(work) == before
+  assert cli.main(_argv(trained, work, *quick, "--resume", "--target", "0.4",
+                        "--restart-from", "genes")) == 0
+  report = json.loads((work / "report.json").read_text())
+  assert report["cost"]["flops"] <= 0.4 * report["cost"]["flops_full"] * (1 + 1e-6)
+  kept = next(t for p, f, t in before if f == "filter_property.npz")
+  assert os.path.getmtime(work / "filter_property.npz") == kept  # independent of --target
 
 
 def test_uniform_allocation_keeps_one_fraction_and_one_bit_width(trained, tmp_path):
@@ -112,3 +170,14 @@ def test_bad_compress_input_is_one_line_and_exit_2(tmp_path, capsys):
   assert code == 2 and err == ["picpq: error: --target=1.5 is out of range: use (0, 1]"]
   code = cli.main(["compress", "--from", str(tmp_path), "--max-bits", "32,eightx3"])
   assert code == 2 and "--max-bits" in capsys.readouterr().err
+
+
+def test_every_option_belongs_to_one_stage_or_may_change():
+  import dataclasses
+  from picpq_jax.compress.config import STAGE_FIELDS
+  from picpq_jax.engine import may_change_fields
+  config = CompressConfig(checkpoint="x")
+  staged = [f for fields in STAGE_FIELDS.values() for f in fields]
+  assert len(staged) == len(set(staged))
+  assert set(staged) | may_change_fields(config) == {f.name for f in dataclasses.fields(config)}
+  assert not set(staged) & may_change_fields(config)

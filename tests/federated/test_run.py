@@ -1,5 +1,12 @@
 """``run_federated`` end to end on 4 simulated devices: the methods, per-round
-checkpoints, a resumed run equal to an uninterrupted one, exact bytes, the report."""
+checkpoints, a resumed run equal to an uninterrupted one, exact bytes, the report;
+and ``picpq federated`` stopped by SIGTERM and SIGKILL, then resumed."""
+
+import signal
+import sys
+
+from picpq_jax import cli, engine
+from tests.engine.harness import assert_same_run, interrupt_after_first_checkpoint, tree_files
 
 SCRIPT = """
 import json, os, sys
@@ -55,3 +62,37 @@ print("OK")
 def test_run_resume_bytes_and_report(on_devices, tmp_path, cache_dir):
   on_devices(SCRIPT.replace("sys.argv[1], sys.argv[2]", f"{str(tmp_path)!r}, {cache_dir!r}"),
              devices=4)
+
+
+def _argv(cache_dir, workdir, *extra):
+  return ["federated", "--arch", "resnet8", "--data", "embedded", "--val-size", "16",
+          "--train-size", "32", "--clients", "2", "--methods", "fedavg", "--rounds", "6",
+          "--local-steps", "1", "--batch-size", "4", "--no-progress", "--no-plot",
+          "--cache-dir", cache_dir, "--workdir", str(workdir), *extra]
+
+
+def test_sigterm_sigkill_resume_and_resume_options(tmp_path, cache_dir, capsys):
+  """As tests/train/test_loop.py's test of the same name, for FedAvg rounds."""
+  assert cli.main(_argv(cache_dir, tmp_path / "full")) == 0
+  work = tmp_path / "split"
+  ckpts = str(work / "fedavg" / "checkpoints")
+  command = [sys.executable, "-m", "picpq_jax.cli", *_argv(cache_dir, work)]
+  term = interrupt_after_first_checkpoint(command, ckpts, signal.SIGTERM)
+  lines = term.stderr.strip().splitlines()
+  assert term.returncode == 143 and lines[-1].startswith("picpq: SIGTERM: stopped after round")
+  assert len(lines) == 1, lines
+  stopped = engine.Checkpoints(ckpts).latest_step()
+  kill = interrupt_after_first_checkpoint([*command, "--resume"], ckpts, signal.SIGKILL,
+                                          after=stopped)
+  assert kill.returncode == -signal.SIGKILL
+  capsys.readouterr()
+  before = tree_files(work)
+  assert cli.main(_argv(cache_dir, work, "--resume", "--lr", "0.1")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "made with --lr=0.05, not 0.1" in err[0], err
+  assert tree_files(work) == before
+  assert cli.main(_argv(cache_dir, work, "--resume")) == 0
+
+  assert_same_run(f"{tmp_path}/full/fedavg", f"{work}/fedavg", timing="round_time_s")
+  assert cli.main(_argv(cache_dir, work, "--resume", "--rounds", "7")) == 0
+  assert engine.Checkpoints(ckpts).latest_step() == 7

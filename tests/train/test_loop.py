@@ -3,14 +3,19 @@ metrics are JSON lines, and finished work is protected."""
 
 import json
 import os
+import signal
+import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from picpq_jax import cli
+from picpq_jax.engine import load_trained
 from picpq_jax.errors import UserError
 from picpq_jax.train import Checkpoints, TrainConfig, read_jsonl, train_and_evaluate
+from tests.engine.harness import interrupt_after_first_checkpoint, tree_files
 
 
 @pytest.fixture(scope="module")
@@ -35,40 +40,51 @@ def _config(folder, workdir, cache_dir, **kw):
 
 
 def _restore_params(workdir):
-  ckpts = Checkpoints(os.path.join(workdir, "checkpoints"))
-  step = ckpts.latest_step()
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  import orbax.checkpoint as ocp
-  state = ocp.StandardCheckpointer().restore(path)
-  return step, state["params"]
+  trained = load_trained(workdir)
+  return trained.step, trained.variables["params"]
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_folder, tmp_path, cache_dir):
-  full = train_and_evaluate(_config(tiny_folder, tmp_path / "full", cache_dir), print_fn=lambda s: None)
-  assert full["steps"] == 10 and full["finished"]
+def _argv(folder, cache_dir, workdir, *extra):
+  return ["train", "--arch", "resnet8", "--data", folder, "--val-size", "16", "--epochs", "2",
+          "--batch-size", "16", "--lr", "0.05", "--checkpoint-every", "1", "--no-progress",
+          "--cache-dir", cache_dir, "--workdir", str(workdir), *extra]
 
-  part = train_and_evaluate(_config(tiny_folder, tmp_path / "split", cache_dir),
-                            stop_at_step=3, print_fn=lambda s: None)
-  assert part["steps"] == 3 and not part["finished"]
-  resumed = train_and_evaluate(_config(tiny_folder, tmp_path / "split", cache_dir, resume=True),
-                               print_fn=lambda s: None)
-  assert resumed["steps"] == 10
+
+def test_sigterm_sigkill_resume_and_resume_options(tiny_folder, tmp_path, cache_dir, capsys):
+  """SIGTERM and SIGKILL after a checkpoint, then --resume: the final parameters and
+  metrics equal an uninterrupted run's; a changed must-match option is refused (one
+  line, exit 2, nothing written); more epochs (may change) continues."""
+  assert cli.main(_argv(tiny_folder, cache_dir, tmp_path / "full")) == 0
+  work = tmp_path / "split"
+  command = [sys.executable, "-m", "picpq_jax.cli", *_argv(tiny_folder, cache_dir, work)]
+  term = interrupt_after_first_checkpoint(command, str(work / "checkpoints"), signal.SIGTERM)
+  lines = term.stderr.strip().splitlines()
+  assert term.returncode == 143 and len(lines) == 1 and "SIGTERM: stopped after step" in lines[0]
+  stopped = Checkpoints(str(work / "checkpoints")).latest_step()
+  kill = interrupt_after_first_checkpoint([*command, "--resume"], str(work / "checkpoints"),
+                                          signal.SIGKILL, after=stopped)
+  assert kill.returncode == -signal.SIGKILL
+  capsys.readouterr()
+  before = tree_files(work)
+  assert cli.main(_argv(tiny_folder, cache_dir, work, "--resume", "--lr", "0.2")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "made with --lr=0.05, not 0.2: pass --lr 0.05" in err[0], err
+  assert tree_files(work) == before
+  assert cli.main(_argv(tiny_folder, cache_dir, work, "--resume")) == 0
 
   step_a, params_a = _restore_params(tmp_path / "full")
-  step_b, params_b = _restore_params(tmp_path / "split")
+  step_b, params_b = _restore_params(work)
   assert step_a == step_b == 10
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
-  assert resumed["val_loss"] == full["val_loss"]
-
-  # The metrics of the resumed run read like one run: same records, no duplicates.
-  def records(name):
-    return [(r["step"], sorted(r)) for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
-  assert records("full") == records("split")
-  vals = [r for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "val_accuracy" in r]
+  assert read_jsonl(tmp_path / "full" / "metrics.jsonl") == read_jsonl(work / "metrics.jsonl")
+  full, resumed = (json.loads((p / "results.json").read_text()) for p in (tmp_path / "full", work))
+  assert resumed["val_loss"] == full["val_loss"] and resumed["steps"] == 10
+  vals = [r for r in read_jsonl(work / "metrics.jsonl") if "val_accuracy" in r]
   assert [r["epoch"] for r in vals] == [1, 2]
-  saved = json.loads((tmp_path / "full" / "results.json").read_text())
-  assert saved["val_accuracy"] == full["val_accuracy"]
+
+  assert cli.main(_argv(tiny_folder, cache_dir, work, "--resume", "--epochs", "3")) == 0
+  assert json.loads((work / "results.json").read_text())["steps"] == 15
 
 
 def test_existing_checkpoint_is_not_overwritten_without_resume(tiny_folder, tmp_path, cache_dir):
@@ -78,14 +94,6 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tiny_folder, tmp_
   with pytest.raises(UserError, match="--resume"):
     train_and_evaluate(config, print_fn=lambda s: None)
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before
-
-
-def test_resume_with_a_different_recipe_is_refused(tiny_folder, tmp_path, cache_dir):
-  train_and_evaluate(_config(tiny_folder, tmp_path / "run", cache_dir, epochs=1),
-                     stop_at_step=2, print_fn=lambda s: None)
-  with pytest.raises(UserError, match="--lr"):
-    train_and_evaluate(_config(tiny_folder, tmp_path / "run", cache_dir, epochs=1, lr=0.2,
-                               resume=True), print_fn=lambda s: None)
 
 
 def test_training_from_given_variables_leaves_the_callers_arrays_alive(tiny_folder, tmp_path,
