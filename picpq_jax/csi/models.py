@@ -296,7 +296,11 @@ def init_csi_variables(model: nn.Module, key: jax.Array, batch: int = 1) -> dict
 
 def layer_macs(model: nn.Module, variables: dict, x: Array) -> int:
   """Multiply-accumulates per sample of every conv and dense layer (what ``thop``
-  reports as "FLOPs" for CRNet): output positions times kernel size, summed."""
+  reports as "FLOPs" for CRNet): output positions times kernel size, summed.
+
+  ``x``: an input batch ``[N, ...]`` (or its ``jax.ShapeDtypeStruct``); traced for
+  shapes only.
+  """
   total = []
 
   def count(next_fun, args, kwargs, context):
@@ -308,6 +312,9 @@ def layer_macs(model: nn.Module, variables: dict, x: Array) -> int:
       total.append(positions * kernel.size)
     return out
 
-  with nn.intercept_methods(count):
-    model.apply(variables, x, train=False)
+  def run(v, inputs):
+    with nn.intercept_methods(count):
+      return model.apply(v, inputs, train=False)
+
+  jax.eval_shape(run, variables, x)  # shapes only: nothing is computed
   return int(sum(total))
