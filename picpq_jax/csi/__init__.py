@@ -14,7 +14,8 @@ import importlib
 
 _EXPORTS = {
     "domain": ("angular_delay", "frequency_response", "to_complex", "to_unit_range"),
-    "mat": ("load_hf", "load_ht", "read_mat"),
+    "mat": ("COST2100_SCENARIOS", "cost2100_paths", "load_cost2100", "load_hf", "load_ht",
+            "read_mat"),
     "metrics": ("nmse_db", "nmse_per_sample", "rho", "rho_per_sample", "to_db"),
     "models": ("ARCHITECTURES", "COMPRESSION_RATIOS", "CRBlock", "CRNetDecoder",
                "CRNetEncoder", "CsiAutoencoder", "CsiNetDecoder", "CsiNetEncoder",

@@ -11,6 +11,8 @@ Files and keys (Wen et al. 2018's release):
   frequency-domain test channels for rho; :func:`load_hf` returns ``[N, 32, 125]``
   complex64 (``HF_all.reshape(N, 32, 125)``, as the reference does).
 
+:func:`load_cost2100` loads one scenario's files from a folder by those names.
+
 MATLAB v5 files are read with ``scipy.io.loadmat``; v7.3 files (HDF5) with h5py
 when it is installed. HDF5 stores a MATLAB array transposed (column-major), so a
 v7.3 ``HT`` reads as ``[2048, N]`` and is transposed back; complex values come as
@@ -102,3 +104,39 @@ def load_hf(path: str | os.PathLike, key: str = "HF_all") -> np.ndarray:
     raise UserError(f"{path}: {key!r} must be [N, {size}] ({ANTENNAS} x {RHO_CARRIERS} "
                     f"per row), got {list(hf.shape)}")
   return hf.reshape(-1, ANTENNAS, RHO_CARRIERS).astype(np.complex64)
+
+
+COST2100_SCENARIOS = ("in", "out")  # indoor 5.3 GHz picocell, outdoor 300 MHz rural
+
+
+def cost2100_paths(folder: str | os.PathLike, scenario: str = "in") -> dict[str, Path]:
+  """CsiNet's file names for ``scenario``: ``train``, ``val``, ``test`` (``HT``) and
+  ``test_freq`` (``HF_all``) -> ``<folder>/DATA_H{split}{scenario}.mat`` and
+  ``<folder>/DATA_HtestF{scenario}_all.mat``."""
+  if scenario not in COST2100_SCENARIOS:
+    raise UserError(f"unknown COST2100 scenario {scenario!r}: choose 'in' (indoor) or "
+                    "'out' (outdoor)")
+  folder = Path(folder)
+  paths = {split: folder / f"DATA_H{split}{scenario}.mat" for split in ("train", "val", "test")}
+  paths["test_freq"] = folder / f"DATA_HtestF{scenario}_all.mat"
+  return paths
+
+
+def load_cost2100(folder: str | os.PathLike, scenario: str = "in") -> dict[str, np.ndarray]:
+  """One scenario of CsiNet's COST2100 release from ``folder``.
+
+  Returns:
+    ``{"train", "val", "test"}``: float32 ``[N, 32, 32, 2]`` (:func:`load_ht`) and
+    ``"test_freq"``: complex64 ``[N_test, 32, 125]`` (:func:`load_hf`).
+
+  Raises:
+    UserError: any file missing or malformed, or a test set whose frequency file
+      holds a different number of samples.
+  """
+  paths = cost2100_paths(folder, scenario)
+  data = {split: load_ht(paths[split]) for split in ("train", "val", "test")}
+  data["test_freq"] = load_hf(paths["test_freq"])
+  if len(data["test_freq"]) != len(data["test"]):
+    raise UserError(f"{paths['test_freq']} holds {len(data['test_freq'])} samples but "
+                    f"{paths['test']} {len(data['test'])}; give files of the same test set")
+  return data

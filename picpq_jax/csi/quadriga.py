@@ -118,6 +118,9 @@ def generate(num_ues: int, samples_per_ue: int, seed: int = 0, normalize: str = 
     cache_dir: where the array is cached (default
       :func:`picpq_jax.data.image_folder.default_cache_dir`).
     workers: processes (default: the CPU count, at most 8); 1 runs in this process.
+      Workers are started with ``spawn`` (this process may hold JAX's threads), so a
+      script that calls this with ``workers > 1`` must guard its entry point with
+      ``if __name__ == "__main__":``, as ``multiprocessing`` requires.
     progress: show a tqdm bar over samples.
 
   Returns:

@@ -93,3 +93,18 @@ def test_v73_without_the_key_is_a_user_error(tmp_path, ht):
   write_v73(tmp_path / "h.mat", "X", ht)
   with pytest.raises(UserError, match="has no 'HT' array"):
     mat.load_ht(tmp_path / "h.mat")
+
+
+def test_loads_a_cost2100_folder_by_csinet_file_names(tmp_path, ht):
+  for split in ("train", "val", "test"):
+    scipy.io.savemat(tmp_path / f"DATA_H{split}out.mat", {"HT": ht})
+  scipy.io.savemat(tmp_path / "DATA_HtestFout_all.mat", {"HF_all": np.ones((3, 4000), complex)})
+  data = mat.load_cost2100(tmp_path, "out")
+  assert data["train"].shape == (3, 32, 32, 2) and data["test_freq"].shape == (3, 32, 125)
+  scipy.io.savemat(tmp_path / "DATA_HtestFout_all.mat", {"HF_all": np.ones((2, 4000), complex)})
+  with pytest.raises(UserError, match="same test set"):
+    mat.load_cost2100(tmp_path, "out")
+  with pytest.raises(UserError, match="DATA_Htrainin.mat"):
+    mat.load_cost2100(tmp_path, "in")
+  with pytest.raises(UserError, match="unknown COST2100 scenario"):
+    mat.load_cost2100(tmp_path, "indoor")
