@@ -67,3 +67,12 @@ def test_rho_is_one_for_a_scaled_or_phase_rotated_reconstruction(matrices):
   x_rot = 0.5 + np.stack([h.real, h.imag], -1)
   assert float(metrics.rho(hf, x_rot)) == pytest.approx(1.0, abs=1e-5)
   assert float(metrics.nmse_db(x, x_rot)) > 0.0  # yet far off in NMSE
+
+
+def test_metrics_run_under_jit(matrices):
+  import jax
+  x, x_hat, hf = (nhwc(matrices[0]), nhwc(matrices[1]), matrices[2])
+  assert float(jax.jit(metrics.nmse_db)(x, x_hat)) == pytest.approx(
+      float(metrics.nmse_db(x, x_hat)), abs=1e-5)
+  assert float(jax.jit(metrics.rho)(hf, x_hat)) == pytest.approx(
+      float(metrics.rho(hf, x_hat)), abs=1e-6)
