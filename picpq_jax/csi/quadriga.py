@@ -120,7 +120,9 @@ def generate(num_ues: int, samples_per_ue: int, seed: int = 0, normalize: str = 
   Args:
     num_ues: UEs, each with its own :class:`UeScenario` (see :func:`ue_scenarios`).
     samples_per_ue: channel realizations per UE.
-    seed: the only source of randomness; equal settings give equal arrays.
+    seed: the only source of randomness; equal settings give equal arrays. It
+      also places the UEs, so a held-out test set of the *same* UEs is a slice of
+      the sample axis (samples are independent realizations), not another seed.
     normalize: ``"sample"`` or ``"dataset"`` (:func:`~picpq_jax.csi.domain.to_unit_range`).
     cache_dir: where the array is cached (default
       :func:`picpq_jax.data.image_folder.default_cache_dir`).
