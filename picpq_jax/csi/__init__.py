@@ -47,7 +47,7 @@ _EXPORTS = {
     "metrics": ("nmse_db", "nmse_per_sample", "rho", "rho_per_sample", "to_db"),
     "models": ("ARCHITECTURES", "COMPRESSION_RATIOS", "CRBlock", "CRNetDecoder",
                "CRNetEncoder", "CsiAutoencoder", "CsiNetDecoder", "CsiNetEncoder",
-               "RefineNet", "codeword_size", "decoder_stages", "get_csi_model",
+               "RefineNet", "codeword_size", "decoder_stages", "get_csi_model", "stage_variables",
                "init_csi_variables", "layer_macs"),
     "quadriga": ("UeScenario", "generate", "ue_scenarios"),
 }

@@ -22,7 +22,7 @@ blocks, the sigmoid inside the last one) and takes a static ``span`` field as th
 library's models do (:data:`~picpq_jax.models.layers.Span`): ``span=(a, b)`` runs
 pieces ``a <= i < b`` and creates only their variables. :func:`decoder_stages`
 cuts a decoder into ``S`` consecutive spans, so a pipelined BTS runs stage ``s``
-as ``decoder.clone(span=spans[s])``. Piece 0 maps ``[N, M] -> [N, 32, 32, 2]``;
+as ``decoder.clone(span=spans[s])`` on :func:`stage_variables` of the decoder's. Piece 0 maps ``[N, M] -> [N, 32, 32, 2]``;
 every later piece maps ``[N, 32, 32, 2] -> [N, 32, 32, 2]``, so all inter-stage
 activations after the first have one shape.
 """
@@ -285,6 +285,20 @@ def decoder_stages(decoder: nn.Module, num_stages: int) -> tuple[tuple[int, int]
   for s in range(num_stages):
     bounds.append(bounds[-1] + base + (s < extra))
   return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def stage_variables(variables: dict, decoder: nn.Module,
+                    span: tuple[int, int]) -> dict:
+  """The part of a whole decoder's ``variables`` that ``decoder.clone(span=span)`` uses.
+
+  Each piece's variables sit under the piece's name (``fc``, ``refine1``, ...), so a
+  stage's are those of its pieces, collection by collection (collections the stage
+  does not use are dropped). The stages' parts of :func:`decoder_stages` partition
+  the decoder's variables: merging them back is a dict union per collection.
+  """
+  names = set(decoder.pieces()[span[0]:span[1]])
+  picked = {col: {k: v for k, v in tree.items() if k in names} for col, tree in variables.items()}
+  return {col: tree for col, tree in picked.items() if tree}
 
 
 def init_csi_variables(model: nn.Module, key: jax.Array, batch: int = 1) -> dict:

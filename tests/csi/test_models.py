@@ -86,13 +86,18 @@ def test_decoder_stages_compose_to_the_whole_decoder(arch, stages):
   z = jax.random.normal(jax.random.key(2), (2, 128))
   spans = csi.decoder_stages(model.decoder, stages)
   assert spans[0][0] == 0 and spans[-1][1] == 4 and len(spans) == stages
-  h = z
+  h, merged = z, {}
   for span in spans:
     stage = model.decoder.clone(span=span)
-    own = jax.eval_shape(stage.init, jax.random.key(0), h)  # only its pieces' variables
-    pick = {col: {k: tree[k] for k in own[col]} for col, tree in dec.items() if col in own}
-    h = stage.apply(pick, h)
+    part = csi.stage_variables(dec, model.decoder, span)
+    own = jax.eval_shape(stage.init, jax.random.key(0), h)  # what the stage creates
+    assert jax.tree.structure(own) == jax.tree.structure(part)
+    h = stage.apply(part, h)
+    for col, tree in part.items():
+      assert not set(tree) & set(merged.get(col, {}))  # stages share no variables
+      merged.setdefault(col, {}).update(tree)
   np.testing.assert_allclose(h, model.decoder.apply(dec, z), atol=1e-6)
+  assert jax.tree.structure(merged) == jax.tree.structure(dec)
 
 
 def test_stage_split_is_balanced_and_bounded():
