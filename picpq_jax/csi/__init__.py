@@ -1,0 +1,65 @@
+"""CSI feedback: data, models and metrics of the field (CsiNet, CRNet, COST2100).
+
+* :mod:`~picpq_jax.csi.mat`: CsiNet's COST2100 ``.mat`` files (``HT`` ->
+  ``[N, 32, 32, 2]``, ``HF_all`` -> ``[N, 32, 125]``), v5 and v7.3.
+* :mod:`~picpq_jax.csi.quadriga`: the same kind of data from quadriga-lib's IEEE TGn
+  indoor models, one scenario per UE, cached.
+* :mod:`~picpq_jax.csi.models`: CsiNet and CRNet as encoder (UE) and decoder (BTS)
+  modules; decoders split into consecutive stages for a pipelined BTS.
+* :mod:`~picpq_jax.csi.metrics`: NMSE (dB) and rho exactly as CsiNet's reference
+  evaluation computes them.
+
+What was chosen where the papers and reference code are silent:
+
+1. Layout: NHWC ``[32 angle, 32 delay, 2 (re, im)]``, the reference's channels-first
+   ``[2, 32, 32]`` transposed (``HT.reshape(N, 2, 32, 32).transpose(0, 2, 3, 1)``).
+2. Scaling of generated data: per sample, ``0.5 + H / (2 max(|Re H|, |Im H|))``
+   (COST2100's own scale is unpublished; ``normalize="dataset"`` uses one maximum
+   for all samples). NMSE and rho subtract 0.5 first, as the reference.
+3. Angular-delay transform of generated data: orthonormal DFT over antennas,
+   orthonormal inverse DFT over the 1024 subcarriers (paths land at tap
+   ``tau * bandwidth``), first 32 taps kept (>90 % of the energy for TGn B-F).
+4. Channel model: quadriga-lib ``get_ieee_indoor`` (TGn B-F at 5.25 GHz), 32-element
+   half-wavelength ULA of omni elements at the BTS, one omni UE antenna, 20 MHz over
+   1024 subcarriers. Each UE: its own TGn model, distance (3-30 m) and direction
+   (-60..60 degrees); its samples jitter position by +-10 % / +-5 degrees.
+5. ``HF`` for rho on generated data: the FFT (257 points, first 125 bins) of the
+   truncated angular-delay matrix, i.e. what the reference applies to a
+   reconstruction; rho = 1 for a perfect reconstruction.
+6. Models: the library's initializers (not Keras' Glorot / CRNet's Xavier), CsiNet's
+   convs with bias (Keras default) and CRNet's without (as its ``ConvBN``), BN with
+   PyTorch's momentum, NHWC flatten order before the dense layers.
+7. Decoder stages: the pieces ``fc`` + blocks (CsiNet: fc, refine1, refine2, out;
+   CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S)`` gives ``S``
+   consecutive spans, earlier stages taking the extra piece.
+
+The public names below load their module on first use (PEP 562), so that the
+generator's worker processes, which import :mod:`picpq_jax.csi.quadriga`, do not
+pay for importing JAX and Flax.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "domain": ("angular_delay", "frequency_response", "to_complex", "to_unit_range"),
+    "mat": ("COST2100_SCENARIOS", "cost2100_paths", "load_cost2100", "load_hf", "load_ht",
+            "read_mat"),
+    "metrics": ("nmse_db", "nmse_per_sample", "rho", "rho_per_sample", "to_db"),
+    "models": ("ARCHITECTURES", "COMPRESSION_RATIOS", "CRBlock", "CRNetDecoder",
+               "CRNetEncoder", "CsiAutoencoder", "CsiNetDecoder", "CsiNetEncoder",
+               "RefineNet", "codeword_size", "decoder_stages", "get_csi_model", "stage_variables",
+               "init_csi_variables", "layer_macs"),
+    "quadriga": ("UeScenario", "generate", "ue_scenarios"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+  if name not in _MODULE_OF:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
+
+def __dir__():
+  return __all__
