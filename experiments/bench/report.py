@@ -12,7 +12,8 @@ from pathlib import Path
 from experiments.bench import common
 
 ORDER = ("compile_time", "compile_time_options", "step_time", "step_time_resnet20_vgg16",
-         "step_time_bf16", "step_time_bf16_resnet20_vgg16", "step_time_options", "step_profile", "conv_parts",
+         "step_time_bf16", "step_time_bf16_resnet20_vgg16", "step_time_options",
+         "step_time_options_r20_r56", "step_profile", "conv_parts",
          "tiny_conv", "hrank", "evolution", "compacted", "grad_accuracy")
 
 
