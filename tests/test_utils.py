@@ -10,7 +10,7 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 
 def test_importing_commands_loads_neither_matplotlib_nor_the_cli():
   script = ("import sys, picpq_jax.compress, picpq_jax.federated.command, "
-            "picpq_jax.finetune.command, picpq_jax.engine; "
+            "picpq_jax.finetune.command, picpq_jax.deploy.command, picpq_jax.engine; "
             "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'picpq_jax.cli'))))")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                        check=True).stdout

@@ -15,7 +15,7 @@ import json
 import os
 
 from picpq_jax.errors import UserError
-from picpq_jax.options import check, option
+from picpq_jax.options import add_config_options, check, config_from_args, option
 
 FORMATS = ("onnx", "stablehlo")
 
@@ -118,20 +118,17 @@ def run_eval(config: EvalConfig, print_fn=print) -> dict:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-  from picpq_jax.cli import config_from_args  # the CLI imports this module
   run_export(config_from_args(ExportConfig, args))
   return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-  from picpq_jax.cli import config_from_args
   run_eval(config_from_args(EvalConfig, args))
   return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
   """Adds ``export`` and ``eval`` to ``subparsers`` (from ``parser.add_subparsers``)."""
-  from picpq_jax.cli import add_config_options  # the CLI imports this module
   export = subparsers.add_parser(
       "export", help="write a compressed (or float) model as ONNX and a jax.export artifact",
       description="Export a `picpq compress` result (weights as integer codes at the plan's "

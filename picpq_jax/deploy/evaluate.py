@@ -44,13 +44,9 @@ class Source:
 
 
 def _train_meta(path: str) -> dict[str, Any]:
-  """The JSON metadata of the newest checkpoint of a ``picpq train`` run."""
-  from picpq_jax.train.checkpoint import Checkpoints  # pylint: disable=import-outside-toplevel
-  directory = os.path.join(path, "checkpoints")
-  directory = directory if os.path.isdir(directory) else path
-  if not os.path.isdir(directory) or Checkpoints(directory).latest_step() is None:
-    raise UserError(f"no `picpq train` checkpoint in {path}")
-  return Checkpoints(directory).restore_meta()
+  """The JSON metadata of the newest intact checkpoint of a ``picpq train`` run."""
+  from picpq_jax.engine import load_trained  # pylint: disable=import-outside-toplevel
+  return load_trained(path).meta
 
 
 def _compress_normalization(workdir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +72,7 @@ def load_source(path: str | os.PathLike) -> Source:
   ``model.npz`` (see the module doc)."""
   from picpq_jax import models  # pylint: disable=import-outside-toplevel
   from picpq_jax.compress.export import load_exported  # pylint: disable=import-outside-toplevel
-  from picpq_jax.train.checkpoint import load_variables  # pylint: disable=import-outside-toplevel
+  from picpq_jax.engine import load_trained  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   packed = path if path.endswith(".npz") else os.path.join(path, "model.npz")
   if os.path.isfile(packed):
@@ -89,7 +85,7 @@ def load_source(path: str | os.PathLike) -> Source:
   if not os.path.isdir(path):
     raise UserError(f"--from {path} does not exist: pass a .onnx, .stablehlo or .npz file, "
                     "or the workdir of a `picpq train` or `picpq compress` run")
-  variables, meta, _ = load_variables(path)
+  variables, meta, _ = load_trained(path)
   arch = meta["config"]["arch"]
   model = models.get_model(arch, num_classes=len(meta["class_names"]))
   norm = meta["normalization"]

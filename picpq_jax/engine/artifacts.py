@@ -73,7 +73,7 @@ def load_trained(path: str | os.PathLike, flag: str = "--from",
     raise UserError(f"{flag} {path} does not exist: pass the workdir of a `picpq train` run")
   checkpoints = Checkpoints(directory)
   try:
-    found = checkpoints.restore_newest(None, print_fn)
+    found = checkpoints.restore_newest(None, print_fn, set_aside=False)  # not our run
   finally:
     checkpoints.close()
   if found is None:

@@ -126,29 +126,34 @@ class Checkpoints:
       gc.collect()
       sys.unraisablehook = hook
     digest, finite = tree_digest(state)
-    if meta.get("digest") != digest:
+    # a checkpoint saved before checkpoints carried digests (no "digest") is taken as read
+    if "digest" in meta and meta["digest"] != digest:
       raise DamagedCheckpoint("its contents differ from what was saved (digest mismatch)")
     if not finite:
       raise DamagedCheckpoint("it holds NaN or inf")
     return state, meta
 
-  def restore_newest(self, template: Any, print_fn: Callable[[str], None] = print
-                     ) -> tuple[Any, dict[str, Any], int] | None:
+  def restore_newest(self, template: Any, print_fn: Callable[[str], None] = print,
+                     set_aside: bool = True) -> tuple[Any, dict[str, Any], int] | None:
     """``(state, meta, step)`` of the newest intact checkpoint, or ``None`` if there is
-    no checkpoint. A damaged one is named in one line and moved aside; if none is
-    intact, a UserError says so."""
+    no checkpoint. A damaged one is named in one line and, with ``set_aside`` (a run
+    resuming in its own workdir), moved aside; reading another run's checkpoints
+    (``set_aside=False``) changes nothing on disk. If none is intact, a UserError says so."""
+    damaged = False
     for step in reversed(self.steps()):
       try:
         state, meta = self.restore(template, step)
       except DamagedCheckpoint as e:
-        moved = self._set_aside(step)
-        print_fn(f"picpq: checkpoint {self.directory}/{step} is damaged ({e}); moved to "
-                 f"{moved}; trying the one before it")
+        damaged = True
+        where = f"moved to {self._set_aside(step)}" if set_aside else "left as it is"
+        print_fn(f"picpq: checkpoint {self.directory}/{step} is damaged ({e}); {where}; "
+                 f"trying the one before it")
         continue
       return state, meta, step
-    if os.path.isdir(self.directory + "-damaged"):
-      raise UserError(f"no intact checkpoint is left in {self.directory} (the damaged ones "
-                      f"are in {self.directory}-damaged): start again in another --workdir")
+    if damaged or os.path.isdir(self.directory + "-damaged"):
+      raise UserError(f"no intact checkpoint is left in {self.directory} (damaged ones are "
+                      f"named above or in {self.directory}-damaged): start again in another "
+                      f"--workdir, or pass another run")
     return None
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:

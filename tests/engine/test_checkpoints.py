@@ -2,13 +2,14 @@
 named in one line and the previous intact checkpoint is used; never NaN state."""
 
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from picpq_jax.engine import Checkpoints, tree_digest
+from picpq_jax.engine import Checkpoints, load_trained, tree_digest
 from picpq_jax.errors import UserError
 from tests.engine import harness as damage
 
@@ -75,3 +76,35 @@ def test_digest_ignores_container_types_but_not_values():
   b = {"y": [np.zeros(2, np.float32), np.int32(4)], "x": np.ones(3, np.float32)}
   assert tree_digest(a) == tree_digest(b)
   assert tree_digest(a)[0] != tree_digest({**a, "x": jnp.ones(3).at[1].set(1.0 + 2**-20)})[0]
+
+
+BASELINE = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "baselines",
+                        "checkpoints", "resnet20")
+
+
+def _files(root) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+def test_a_checkpoint_saved_before_digests_loads_and_is_left_as_it_is(tmp_path):
+  """The committed baseline predates digests: ``load_trained`` reads it (the metadata
+  has no ``digest``) and writes nothing into the run it reads."""
+  run = tmp_path / "baseline"
+  shutil.copytree(BASELINE, run)
+  before = _files(run)
+  trained = load_trained(run)
+  assert trained.step == 4212 and "digest" not in trained.meta
+  assert trained.variables["params"]["head"]["kernel"].shape == (64, 10)
+  assert _files(run) == before
+
+
+def test_reading_another_run_never_moves_its_damaged_checkpoints(tmp_path):
+  _two_checkpoints(tmp_path / "run" / "checkpoints").close()
+  damage.random_bytes(str(tmp_path / "run" / "checkpoints" / "2"))
+  before = _files(tmp_path / "run")
+  lines = []
+  with pytest.raises(UserError, match="does not hold a model's variables"):
+    load_trained(tmp_path / "run", print_fn=lines.append)  # step 1 restores, but is no model
+  assert len(lines) == 1 and "left as it is" in lines[0], lines
+  assert _files(tmp_path / "run") == before
