@@ -64,6 +64,7 @@ class BenchConfig:
   # 5 compaction
   compact_model: str = "resnet56"
   compact_target: float = 0.45
+  compact_pads: tuple[str, ...] = ("8",)
   # 6 convolution parts
   conv_model: str = "resnet56"
   conv_batch: int = 128

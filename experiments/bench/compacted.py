@@ -4,12 +4,20 @@ A model is pruned to ``--compact-target`` of its FLOPs (L1-norm importance, the
 library's global pruner with the reference safeguards), then
 :func:`picpq_jax.compress.compact` slices the kept channels out into a smaller
 dense model. Masks zero channels but leave every convolution its full width, so
-only the compacted model runs fewer FLOPs. Timed: jitted inference of both (and,
-for ResNets with PyTorch present, the eager full model against the physically
-pruned twin). The JSON records both models' MACs and the largest logit difference.
+only the compacted model runs fewer FLOPs. Timed: jitted inference of both, of the
+compacted model with every group padded to a multiple of each ``--compact-pads``
+(``compact(..., pad_to=n)``: a few pruned channels kept, masked and zeroed, so
+odd widths such as 7 or 13 become 8 or 16), of the masked and the compacted model
+with convolution algorithms tuned per shape (``+tuned``:
+:mod:`picpq_jax.models.conv_algorithms`, tuned at each batch size before timing,
+the tuning's seconds and choices recorded), and, for ResNets with PyTorch present,
+the eager full model against the physically pruned twin. The JSON records every
+model's MACs and the largest logit difference from the masked model.
 """
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +28,7 @@ from experiments.bench.step_time import measure_round_robin
 from picpq_jax.compress import compact, cost_model, criteria, pic
 from picpq_jax.compress.compact import kept_channels
 from picpq_jax.compress.prune import prune_to_budget
-from picpq_jax.models import model_structure
+from picpq_jax.models import conv_algorithms, model_structure
 
 
 def pruned_variables(variables, structure, target: float) -> dict:
@@ -38,12 +46,15 @@ def run(cfg) -> dict:
   arch = cfg.compact_model
   model, variables, structure = setups.jax_model(arch)
   masked = pruned_variables(variables, structure, cfg.compact_target)
-  small, small_vars = compact(model, masked, structure)
-  small_structure = model_structure(small, structure.input_shape)
+  pads = {"jax.compacted": 1, **{f"jax.compacted+pad{p}": int(p) for p in cfg.compact_pads}}
+  smalls = {name: compact(model, masked, structure, pad_to=pad) for name, pad in pads.items()}
   macs = {"masked": int(structure.macs),
           "masked_effective": float(cost_model.cost(structure, masked["masks"]).macs),
-          "compacted": int(small_structure.macs)}
-  infer_full, infer_small = setups.jax_infer(model), setups.jax_infer(small)
+          **{name.removeprefix("jax."): int(model_structure(small, structure.input_shape).macs)
+             for name, (small, _) in smalls.items()}}
+  infer_full = setups.jax_infer(model)
+  infers = {name: (setups.jax_infer(small), small_vars)
+            for name, (small, small_vars) in smalls.items()}
   torch_ok = cfg.use_torch and arch.startswith("resnet")
   if torch_ok:
     import torch
@@ -51,12 +62,16 @@ def run(cfg) -> dict:
     full_t = setups.torch_model(arch, variables)
     small_t = torch_models.prune_resnet(full_t, structure, kept_channels(masked["masks"]))
     t_full, t_small = setups.torch_infer(full_t, False), setups.torch_infer(small_t, False)
-  rows, diffs = [], []
+  rows, diffs, tuning = [], [], {}
   for batch in cfg.batches:
     x = jnp.asarray(setups.random_batch(batch)[0])
-    diffs.append(float(jnp.max(jnp.abs(infer_full(masked, x) - infer_small(small_vars, x)))))
-    fns = {"jax.masked": lambda x=x: jax.block_until_ready(infer_full(masked, x)),
-           "jax.compacted": lambda x=x: jax.block_until_ready(infer_small(small_vars, x))}
+    reference = infer_full(masked, x)
+    runs = {"jax.masked": (infer_full, masked), **infers,
+            **_tuned({"jax.masked+tuned": (model, masked),
+                      "jax.compacted+tuned": smalls["jax.compacted"]}, x, tuning, batch)}
+    diffs += [float(jnp.max(jnp.abs(reference - f(v, x)))) for f, v in runs.values()]
+    fns = {name: lambda x=x, f=f, v=v: jax.block_until_ready(f(v, x))
+           for name, (f, v) in runs.items()}
     if torch_ok:
       xt = setups.torch_nchw(np.asarray(x))
       fns["torch.eager.full"] = lambda xt=xt: t_full(xt)
@@ -66,11 +81,29 @@ def run(cfg) -> dict:
       rows.append({"model": arch, "batch": batch, "variant": name, **s})
       print(f"compact {arch} b{batch:<4d} {name:18s} median {s['median_s']:.4f} s", flush=True)
   settings = {"model": arch, "target": cfg.compact_target, "batches": cfg.batches,
+              "pads": [int(p) for p in cfg.compact_pads],
               "reps": cfg.reps, "warmup": cfg.warmup}
   res = common.result("compacted", settings, rows, load_start, macs=macs,
-                      max_logit_diff=max(diffs))
+                      max_logit_diff=max(diffs), conv_tuning=tuning)
   print(table(res), flush=True)
   return res
+
+
+def _tuned(models: dict, x, tuning: dict, batch: int) -> dict:
+  """``{name: (infer, variables)}`` of each ``(model, variables)`` jitted and traced
+  with its convolution algorithms tuned at ``x``'s shape; the tuning's wall seconds
+  and results go to ``tuning[f"{name} b{batch}"]``."""
+  runs = {}
+  for name, (model, variables) in models.items():
+    start = time.perf_counter()
+    results = conv_algorithms.tune(lambda v, x, m=model: m.apply(v, x), variables, x,
+                                   compiler_options=setups.compiler_options(None))
+    infer = setups.jax_infer(model.clone())  # a new jit: traced under the tuned table
+    with conv_algorithms.use(conv_algorithms.chosen(results)):
+      jax.block_until_ready(infer(variables, x))
+    tuning[f"{name} b{batch}"] = {"seconds": time.perf_counter() - start, "shapes": results}
+    runs[name] = (infer, variables)
+  return runs
 
 
 def table(res: dict) -> str:
@@ -78,12 +111,15 @@ def table(res: dict) -> str:
   the same framework and batch)."""
   rows, macs = res["rows"], res["macs"]
   by = {(r["batch"], r["variant"]): r["median_s"] for r in rows}
-  full = lambda v: v.replace("compacted", "masked").replace("pruned", "full")
+  full = lambda v: "jax.masked" if v.startswith("jax.") else "torch.eager.full"
   lines = [[r["batch"], r["variant"], common.fmt_s(r["median_s"]),
             f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
             f"{by[(r['batch'], full(r['variant']))] / r['median_s']:.2f}x"] for r in rows]
   return common.markdown_table(
       f"Masked vs compacted {res['config']['model']} inference (pruned to "
-      f"{macs['compacted'] / macs['masked']:.0%} of the MACs; max logit difference "
+      f"{macs['compacted'] / macs['masked']:.0%} of the MACs, padded "
+      + ", ".join(f"{k.split('+')[1]} {v / macs['masked']:.0%}" for k, v in macs.items()
+                  if "+pad" in k)
+      + f"; max logit difference "
       f"{res['max_logit_diff']:.1e})",
       ["batch", "variant", "median s", "min-max", "speed-up vs unpruned"], lines)

@@ -11,6 +11,7 @@ from picpq_jax.compress.bits import layer_sparsity
 from picpq_jax.compress.bits import reference_max_bits
 from picpq_jax.compress.compact import compact
 from picpq_jax.compress.compact import kept_channels
+from picpq_jax.compress.compact import pad_channels
 from picpq_jax.compress.compact import zero_pruned_weights
 from picpq_jax.compress.config import CompressConfig
 from picpq_jax.compress.cost_model import Cost

@@ -48,7 +48,7 @@ from picpq_jax.errors import UserError
 from picpq_jax.models.layers import QConv, QDense
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
 from picpq_jax.models.registry import get_model
-from picpq_jax.models.structure import LayerInfo, ModelStructure
+from picpq_jax.models.structure import LayerInfo, ModelStructure, model_structure
 
 Array = jax.Array
 Path = tuple[str, ...]
@@ -74,6 +74,33 @@ def kept_channels(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
       raise UserError(f"group {group!r} keeps no channel; keep at least one per group "
                       "(prune_to_budget's safeguard does)")
   return kept
+
+
+def pad_channels(kept: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+                 multiple: int) -> dict[str, np.ndarray]:
+  """Each group's kept channels plus its first pruned ones, up to a multiple.
+
+  A compacted group of 7 or 13 channels runs slower on XLA:CPU than one of 8 or
+  16 (vector widths; ``experiments/bench/compacted.py``), so :func:`compact` can
+  keep a few pruned channels as padding. They stay masked (their ``masks`` entry
+  is 0) and their weights are zeroed, so the logits do not change.
+
+  Args:
+    kept: ``{group: int [k_g]}`` ascending, from :func:`kept_channels`.
+    sizes: ``{group: C_g}``, the full widths.
+    multiple: pad ``k_g`` up to ``min(C_g, multiple * ceil(k_g / multiple))``.
+
+  Returns:
+    ``{group: int64 [k'_g]}`` ascending, ``kept[g]`` a subset of it.
+  """
+  if multiple < 1:
+    raise UserError(f"pad multiple must be at least 1, got {multiple}")
+  padded = {}
+  for group, index in kept.items():
+    want = min(sizes[group], -(-index.size // multiple) * multiple)
+    pruned = np.setdiff1d(np.arange(sizes[group]), index)
+    padded[group] = np.sort(np.concatenate([index, pruned[:want - index.size]]))
+  return padded
 
 
 def _input_mask(info: LayerInfo, structure: ModelStructure, masks: Mapping[str, Array],
@@ -220,8 +247,8 @@ def _slice_leaf(path: Path, value: np.ndarray, structure: ModelStructure,
 
 
 def compact(arch_or_model: str | nn.Module, variables: Mapping[str, Any],
-            structure: ModelStructure, quantizer: Quantizer | None = None
-            ) -> tuple[nn.Module, dict]:
+            structure: ModelStructure, quantizer: Quantizer | None = None,
+            pad_to: int = 1) -> tuple[nn.Module, dict]:
   """Slices the kept channels (mask == 1) into a smaller, dense model.
 
   Args:
@@ -231,13 +258,18 @@ def compact(arch_or_model: str | nn.Module, variables: Mapping[str, Any],
     structure: ``model_structure(model, input_shape)`` of the masked model.
     quantizer: only with a name: the quantizer the model was trained with
       (default :class:`FullPrecision`).
+    pad_to: round every group's width up to a multiple of this by keeping some
+      pruned channels (:func:`pad_channels`): masked and with zeroed kernels, so
+      the logits are unchanged; the padded model's ``masks`` count the exact
+      MACs (``cost_model.cost``) while its structure counts the padded ones.
+      1 (the default) keeps exactly the kept channels.
 
   Returns:
     ``(small_model, small_variables)``: the same architecture with
     ``group_sizes = ((group, kept channels), ...)`` (and re-indexed
     ``shortcut_maps`` where the model has such couplings), and its variables: every
     kernel, bias and BatchNorm entry sliced to the kept channels, ``quant`` and
-    quantizer parameters unchanged, masks all ones. Its logits equal those of the
+    quantizer parameters unchanged, masks all ones (zero on padding channels). Its logits equal those of the
     masked model in eval mode (see the module doc for the quantizer caveat).
   """
   model = arch_or_model
@@ -252,6 +284,8 @@ def compact(arch_or_model: str | nn.Module, variables: Mapping[str, Any],
     raise UserError("compact: the masks do not match the structure's groups; pass the "
                     "model_structure of the model these variables belong to")
   kept = kept_channels(masks)
+  if pad_to > 1:
+    kept = pad_channels(kept, sizes, pad_to)
   small = _small_model(model, kept)
   abstract, norms = _abstract_and_norms(small, structure.input_shape)
   expected = traverse_util.flatten_dict(abstract)
@@ -268,4 +302,7 @@ def compact(arch_or_model: str | nn.Module, variables: Mapping[str, Any],
                       f"the small model needs {expected[path].shape}; quantizer parameters "
                       "must not depend on the kernel's channel counts")
     out[path] = jnp.asarray(sliced, expected[path].dtype)
-  return small, dict(traverse_util.unflatten_dict(out))
+  small_vars = dict(traverse_util.unflatten_dict(out))
+  if pad_to > 1:  # padding channels: zero kernels, so kernel-wide quantizer scales hold
+    small_vars = zero_pruned_weights(small_vars, model_structure(small, structure.input_shape))
+  return small, small_vars

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from picpq_jax.errors import UserError
+from picpq_jax.models import conv_algorithms
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS, FullPrecision, Quantizer
 
 Array = jax.Array
@@ -99,9 +100,11 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
            feature_group_count: int = 1, preferred_element_type: Any = None) -> Array:
   """NHWC/HWIO convolution ``[N, H, W, C_in] -> [N, H', W', C_out]``.
 
-  ``lax.conv_general_dilated``, except that a dense stride-1 convolution with
-  explicit padding whose output has at most :data:`TINY_MAP_PIXELS` pixels runs as
-  :func:`conv_taps_matmul` (same result to float rounding, much faster on XLA:CPU).
+  ``lax.conv_general_dilated``, except for dense stride-1 convolutions with
+  explicit padding: one whose output has at most :data:`TINY_MAP_PIXELS` pixels
+  runs as :func:`conv_taps_matmul` (same result to float rounding, much faster on
+  XLA:CPU), and one whose shape has a tuned algorithm installed
+  (:mod:`picpq_jax.models.conv_algorithms`) runs with that one.
   ``preferred_element_type``: the accumulation and result dtype (``None``: the
   operands'); bfloat16 operands with ``jnp.float32`` accumulate in float32.
   """
@@ -112,6 +115,12 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Any,
     w_out = x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1
     if h_out * w_out <= TINY_MAP_PIXELS:
       return conv_taps_matmul(x, kernel, padding, preferred_element_type)
+    algorithm = conv_algorithms.choice(
+        conv_algorithms.shape_key(x.shape, kernel.shape, padding, x.dtype))
+    if algorithm == "input_taps":
+      return conv_taps_matmul(x, kernel, padding, preferred_element_type)
+    if algorithm == "output_taps":
+      return conv_algorithms.conv_output_taps(x, kernel, padding, preferred_element_type)
   return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                   feature_group_count=feature_group_count,

@@ -213,3 +213,10 @@ def test_quick_suite_writes_every_workload(tmp_path, monkeypatch):
   assert comp["max_logit_diff"] < 1e-4
   assert comp["macs"]["compacted"] < comp["macs"]["masked"]
   assert comp["macs"]["compacted"] == pytest.approx(comp["macs"]["masked_effective"], rel=0.02)
+  assert comp["macs"]["compacted"] <= comp["macs"]["compacted+pad8"] <= comp["macs"]["masked"]
+  assert {r["variant"] for r in comp["rows"]} >= {
+      "jax.masked", "jax.compacted", "jax.compacted+pad8", "jax.masked+tuned",
+      "jax.compacted+tuned"}
+  tuned = comp["conv_tuning"]["jax.compacted+tuned b8"]["shapes"]
+  assert tuned and all(set(r["seconds"]) == {"xla", "input_taps", "output_taps"}
+                       for r in tuned.values())

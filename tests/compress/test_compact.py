@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from picpq_jax.compress.compact import compact, kept_channels, zero_pruned_weights
+from picpq_jax.compress.compact import (compact, kept_channels, pad_channels,
+                                        zero_pruned_weights)
 from picpq_jax.data import channel_stats, load_embedded, normalize
 from picpq_jax.errors import UserError
 from picpq_jax.models import CifarResNet, get_model, model_structure, param_count
@@ -388,3 +389,32 @@ def test_bad_masks_and_group_sizes_raise():
 def test_kept_channels_hand_example():
   kept = kept_channels({"a": jnp.array([0.0, 1.0, 1.0, 0.0, 1.0])})
   np.testing.assert_array_equal(kept["a"], [1, 2, 4])
+
+
+def test_pad_channels_hand_example():
+  kept = {"a": np.array([1, 4]), "b": np.array([0, 1, 2]), "c": np.array([5])}
+  padded = pad_channels(kept, {"a": 8, "b": 3, "c": 6}, 4)
+  np.testing.assert_array_equal(padded["a"], [0, 1, 2, 4])  # 2 -> 4: first pruned 0, 2
+  np.testing.assert_array_equal(padded["b"], [0, 1, 2])  # capped at the group's 3
+  np.testing.assert_array_equal(padded["c"], [0, 1, 2, 5])
+  with pytest.raises(UserError, match="at least 1"):
+    pad_channels(kept, {"a": 8, "b": 3, "c": 6}, 0)
+
+
+def test_padded_compaction_keeps_logits_and_exact_macs(images):
+  """Widths padded to a multiple of 8, logits of the masked model, and the padded
+  model's masks still count the unpadded (hand-counted) MACs."""
+  from picpq_jax.compress import cost_model
+  model, variables, structure, small, small_vars, kept = _compacted("resnet20")
+  padded, padded_vars = compact(model, variables, structure, pad_to=8)
+  padded_structure = model_structure(padded, structure.input_shape)
+  full = {g.name: g.size for g in structure.groups}
+  for g in padded_structure.groups:
+    assert g.size == min(full[g.name], -(-kept[g.name] // 8) * 8)
+  np.testing.assert_allclose(_logits(padded, padded_vars, images),
+                             _logits(model, variables, images), rtol=1e-5, atol=1e-5)
+  macs = cost_model.cost(padded_structure, padded_vars["masks"]).macs
+  assert int(round(float(macs))) == cifar_resnet_counts(20, kept)[0]
+  mask = np.asarray(padded_vars["masks"]["stage2_block0_mid"])
+  kernel = np.asarray(padded_vars["params"]["stage2_block0"]["conv1"]["kernel"])
+  assert np.all(kernel[..., mask == 0] == 0)  # padding channels carry zero weights
