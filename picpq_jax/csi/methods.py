@@ -40,6 +40,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from picpq_jax.csi.config import METHODS, SPLIT_METHODS
 from picpq_jax.csi.pipeline import STAGES, bts_loss_and_grads, mse
 from picpq_jax.errors import UserError
 from picpq_jax.federated.averaging import weighted_average
@@ -48,8 +49,6 @@ from picpq_jax.federated.quantize import quantize_message
 from picpq_jax.federated.steps import PartState, apply_update
 
 Array = jax.Array
-METHODS = ("centralized", "fedavg", "split", "pipeline")
-SPLIT_METHODS = ("split", "pipeline")
 
 
 class CsiState(flax.struct.PyTreeNode):

@@ -1,9 +1,10 @@
 """Bytes per round worked by hand, and the round-time model on a hand-worked example."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from picpq_jax.csi import get_csi_model, init_csi_variables
+from picpq_jax.csi import get_csi_model
 from picpq_jax.csi import traffic
 
 
@@ -21,7 +22,7 @@ def test_split_bytes_by_hand():
 
 def test_fedavg_and_encoder_exchange_bytes_by_hand():
   model = get_csi_model("csinet", 4)
-  v = init_csi_variables(model, jax.random.key(0))
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
   # CsiNet CR 4: encoder conv 3*3*2*2+2 = 38, BN scale+bias 4, dense 2048*512+512;
   # decoder dense 512*2048+2048, refine blocks 2 x (3*3*2*8+8 + 3*3*8*16+16 +
   # 3*3*16*2+2 = 1610, BN 2*(8+16+2) = 52), out conv 3*3*2*2+2 = 38.
