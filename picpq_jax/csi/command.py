@@ -11,8 +11,11 @@ from picpq_jax.options import add_config_options, config_from_args
 def _run(args: argparse.Namespace) -> int:
   config = config_from_args(CsiConfig, args)
   import jax
-  try:  # on CPU, one simulated device per UE and stage (before any array exists)
-    jax.config.update("jax_num_cpu_devices", min(16, config.ues * config.stages))
+  # On CPU, one simulated device per pipeline stage (before any array exists). Not one
+  # per UE: simulated devices share the same cores, and every 'clients' device
+  # computes the BTS decoder (replicated), so more of them only repeat its work.
+  try:
+    jax.config.update("jax_num_cpu_devices", config.stages)
   except RuntimeError:
     pass  # the backend is already up (or XLA_FLAGS set the count): use its devices
   from picpq_jax.csi.run import run_csi
