@@ -29,8 +29,8 @@ from picpq_jax.csi.pipeline import mse
 from picpq_jax.csi.run import run_csi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMON = dict(ues=8, samples_per_ue=320, test_per_ue=64, rounds=30, local_steps=5,
-              batch_size=16, lr=1e-3, target_bits=8, stages=2, workers=2, progress=False,
+COMMON = dict(ues=8, samples_per_ue=320, test_per_ue=64, rounds=20, local_steps=5,
+              batch_size=16, lr=3e-3, target_bits=8, stages=2, workers=2, progress=False, eval_every=2,
               plot=True)
 UPLINK_BPS, DOWNLINK_BPS = 10e6, 50e6  # assumed link rates per UE for the round-time model
 
@@ -102,6 +102,32 @@ def round_model(arch, cr, times, variables_shapes):
   return out
 
 
+def render(grid):
+  """``results/grid.md``: one table per (arch, CR), and the round-time model."""
+  lines = []
+  for item, g in grid.items():
+    c = g["config"]
+    fed = g["runs"].get("fedavg", {}).get("bytes_per_ue_round")
+    lines += [f"### {item.replace(':', ' CR ')} ({c['ues']} UEs, {c['rounds']} rounds x "
+              f"{c['local_steps']} steps, batch {c['batch_size']}; load {g['load'][0]:.0f})", "",
+              "| method | NMSE (dB) | rho | bytes/UE/round | vs FedAvg | total bytes |",
+              "|---|---|---|---|---|---|"]
+    for m, s in g["runs"].items():
+      ratio = f"{fed / s['bytes_per_ue_round']:.1f}x less" if fed and m in ("split", "pipeline") else ""
+      lines.append(f"| {s['label']} | {s['nmse_db']:.2f} | {s['rho']:.4f} | "
+                   f"{s['bytes_per_ue_round']:,} | {ratio} | {s['total_bytes']:,} |")
+    rm = g["round_model"]
+    lines += ["", "Round-time model (s per round; per-stage times measured here, "
+              f"{UPLINK_BPS / 1e6:.0f} Mbit/s up, {DOWNLINK_BPS / 1e6:.0f} Mbit/s down per UE):", "",
+              "| | total | UE | links | BTS | of which bubble |", "|---|---|---|---|---|---|"]
+    for k, v in rm.items():
+      lines.append(f"| {k} | {v['total']:.4f} | {v['ue']:.4f} | {v['link']:.4f} | "
+                   f"{v['bts']:.4f} | {v['bubble']:.4f} |")
+    lines.append("")
+  with open(os.path.join(HERE, "results", "grid.md"), "w") as f:
+    f.write("\n".join(lines))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="csinet:16,crnet:16,csinet:4,crnet:4")
@@ -128,6 +154,7 @@ def main():
                   "wall_s": time.time() - t0, "load": os.getloadavg(),
                   "devices": results["devices"], "config": results["config"]}
     json.dump(grid, open(out_path, "w"), indent=1)
+    render(grid)
     print(item, "done in", time.time() - t0, "s; load", os.getloadavg(), flush=True)
 
 
