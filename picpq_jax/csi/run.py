@@ -13,6 +13,7 @@ UE's batches, the initialization), so a resumed run repeats an uninterrupted one
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -34,6 +35,7 @@ from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.partition import client_batch_indices
 from picpq_jax.utils import figure, format_table, is_primary, write_atomic
 
+ADAM = optax.adam(1.0)  # the learning rate scales each update (see federated.steps)
 LABELS = {"centralized": "Centralized", "fedavg": "FedAvg (whole autoencoder)",
           "split": "Split (own encoders)", "pipeline": "Split + BTS pipeline"}
 
@@ -92,17 +94,23 @@ def evaluate(reconstruct: Callable, method: str, state: methods.CsiState, consts
           "rho": float(metrics.rho(hf, x_hat))}
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(method: str, model, mesh, encoder_sync: int) -> tuple[Callable, Callable]:
+  """``(round, reconstruct)`` programs, shared by runs of the same setting in one process
+  (a resumed run in the same process compiles nothing again)."""
+  return (methods.round_program(method, model, ADAM, mesh, encoder_sync),
+          methods.reconstruct_program(model))
+
+
 def train_method(config: CsiConfig, method: str, model, variables: dict, train: np.ndarray,
                  test: np.ndarray, resume: bool, stop_after_round: int | None) -> dict[str, Any]:
   """Trains one method on the engine; returns its summary."""
   c = config
   mesh = methods.csi_mesh(c.ues, c.stages if method == "pipeline" else 1)
-  tx = optax.adam(1.0)
   consts = jax.device_put(methods.constants(variables), NamedSharding(mesh, P()))
-  init = methods.init_state(method, variables, tx, c.ues)
+  init = methods.init_state(method, variables, ADAM, c.ues)
   template = jax.device_put(init, NamedSharding(mesh, P()))
-  run_round = methods.round_program(method, model, tx, mesh, c.encoder_sync)
-  reconstruct = methods.reconstruct_program(model)
+  run_round, reconstruct = _programs(method, model, mesh, c.encoder_sync)
   hf = frequency_response(test.reshape(-1, *test.shape[2:]))
   n, weights = train.shape[1], jnp.full(c.ues, float(train.shape[1]))
   lrs = jnp.full(c.local_steps, c.lr, jnp.float32)
