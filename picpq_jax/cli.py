@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
   register_finetune(commands)
   from picpq_jax.deploy.command import register as register_deploy
   register_deploy(commands)
+  from picpq_jax.csi.command import register as register_csi
+  register_csi(commands)
   listing = commands.add_parser("models", help="list the architectures with params and MACs")
   listing.set_defaults(run=_cmd_models)
   return parser

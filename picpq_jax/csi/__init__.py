@@ -8,6 +8,12 @@
   modules; decoders split into consecutive stages for a pipelined BTS.
 * :mod:`~picpq_jax.csi.metrics`: NMSE (dB) and rho exactly as CsiNet's reference
   evaluation computes them.
+* :mod:`~picpq_jax.csi.methods`: centralized, FedAvg, split (own UE encoders, one
+  BTS decoder) and split with the BTS decoder pipelined (:mod:`~picpq_jax.csi.pipeline`,
+  GPipe over a ``stages`` mesh axis), each a step program compiled once.
+* :mod:`~picpq_jax.csi.traffic`: exact bytes per UE and round, and a round-time model.
+* :mod:`~picpq_jax.csi.run`: ``picpq csi`` on the run engine (options in
+  :mod:`~picpq_jax.csi.config`).
 
 What was chosen where the papers and reference code are silent:
 
@@ -32,6 +38,15 @@ What was chosen where the papers and reference code are silent:
 7. Decoder stages: the pieces ``fc`` + blocks (CsiNet: fc, refine1, refine2, out;
    CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S)`` gives ``S``
    consecutive spans, earlier stages taking the extra piece.
+8. Training (the split paper is silent): MSE loss on [0, 1] and Adam (CsiNet's);
+   the loss is taken at the BTS, so in the split methods a UE uploads the CSI its
+   codewords encode as the training target (as split learning uploads labels),
+   optionally quantized (``--target-bits``), and counted. Encoders are never
+   averaged unless ``--encoder-sync N`` (FedAvg of the encoders every N rounds).
+   FedAvg's UEs start each round with a fresh Adam state (not sent).
+9. The pipeline's micro-batches are the UEs' batches; batch norm at the BTS
+   normalizes each micro-batch on its own (as GPipe), in the split method too, so
+   the two are equal and one UE's split step is the centralized step.
 
 The public names below load their module on first use (PEP 562), so that the
 generator's worker processes, which import :mod:`picpq_jax.csi.quadriga`, do not

@@ -1,0 +1,162 @@
+"""CSI feedback at CPU scale: the four methods on quadriga indoor data, 8 UEs.
+
+Runs ``picpq csi`` (its Python API, the same engine) for each (arch, CR) of the grid,
+measures the decoder's per-stage and the encoder's compute times on this machine, and
+writes ``results/grid.json`` with NMSE, rho, bytes and the round-time model's
+numbers. Two simulated devices: the pipeline's two stages (the UEs then share one
+'clients' device under vmap; more simulated devices on 2 cores only repeat the
+replicated BTS work). Usage::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 PYTHONPATH=. \
+      python experiments/csi/run_grid.py [--configs csinet:16,crnet:16,csinet:4,crnet:4]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from picpq_jax.csi import get_csi_model, init_csi_variables, traffic
+from picpq_jax.csi.config import CsiConfig
+from picpq_jax.csi.models import codeword_size, decoder_stages, stage_variables
+from picpq_jax.csi.pipeline import mse
+from picpq_jax.csi.run import run_csi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMON = dict(ues=8, samples_per_ue=320, test_per_ue=64, rounds=20, local_steps=5,
+              batch_size=16, lr=3e-3, target_bits=8, stages=2, workers=2, progress=False, eval_every=2,
+              plot=True)
+UPLINK_BPS, DOWNLINK_BPS = 10e6, 50e6  # assumed link rates per UE for the round-time model
+
+
+def _time(fn, *args, repeat=20):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeat):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def measure(arch, cr, batch):
+  """Per-piece forward and forward+backward seconds of the decoder on one micro-batch,
+  the encoder's forward and backward, and a whole-autoencoder step (Adam)."""
+  model = get_csi_model(arch, cr)
+  v = init_csi_variables(model, jax.random.key(0))
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, 32, 32, 2)), jnp.float32)
+  dec_v = {c: t["decoder"] for c, t in v.items()}
+  h = model.encoder.apply({c: t["encoder"] for c, t in v.items()}, x)
+  pieces_f, pieces_b = [], []
+  for i in range(len(model.decoder.pieces())):
+    stage = model.decoder.clone(span=(i, i + 1))
+    sv = stage_variables(dec_v, model.decoder, (i, i + 1))
+    f = jax.jit(lambda p, a: stage.apply({**sv, "params": p}, a, train=True, mutable=["batch_stats"])[0])
+    g = jax.jit(jax.grad(lambda p, a: jnp.sum(f(p, a)), argnums=(0, 1)))
+    tf, tb = _time(f, sv["params"], h), _time(g, sv["params"], h)
+    pieces_f.append(tf)
+    pieces_b.append(max(tb - tf, 0.0))
+    h = f(sv["params"], h)
+  enc_v = {c: t["encoder"] for c, t in v.items()}
+  ef = jax.jit(lambda p: model.encoder.apply({**enc_v, "params": p}, x, train=True, mutable=["batch_stats"])[0])
+  eg = jax.jit(jax.grad(lambda p: jnp.sum(ef(p))))
+  tx = optax.adam(1e-3)
+  opt = tx.init(v["params"])
+
+  @jax.jit
+  def step(p, o):
+    g = jax.grad(lambda q: mse(model.apply({**v, "params": q}, x, train=True, mutable=["batch_stats"])[0], x))(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+  t_ef, t_eg = _time(ef, enc_v["params"]), _time(eg, enc_v["params"])
+  return {"piece_forward": pieces_f, "piece_backward": pieces_b, "ue_forward": t_ef,
+          "ue_backward": max(t_eg - t_ef, 0.0), "ue_step": _time(step, v["params"], opt)}
+
+
+def round_model(arch, cr, times, variables_shapes):
+  """Modelled seconds per round for each method and S = 1, 2, 4 stages."""
+  c = COMMON
+  out = {}
+  pieces = len(times["piece_forward"])
+  split_t = traffic.split_traffic(codeword_size(cr), c["batch_size"], c["local_steps"], 32,
+                                  c["target_bits"])
+  for stages in (1, 2, 4):
+    spans = decoder_stages(get_csi_model(arch, cr).decoder, stages)
+    f = tuple(sum(times["piece_forward"][a:b]) for a, b in spans)
+    b = tuple(sum(times["piece_backward"][a:b]) for a, b in spans)
+    timing = traffic.Timing(times["ue_forward"], times["ue_backward"], times["ue_step"], f, b)
+    method = "split" if stages == 1 else "pipeline"
+    out[f"split_S{stages}"] = traffic.round_time(method, timing, split_t, c["ues"],
+                                                 c["local_steps"], UPLINK_BPS, DOWNLINK_BPS)
+  timing = traffic.Timing(times["ue_forward"], times["ue_backward"], times["ue_step"],
+                          (0.0,) * pieces, (0.0,) * pieces)
+  out["fedavg"] = traffic.round_time("fedavg", timing,
+                                     traffic.fedavg_traffic(traffic.exchanged(variables_shapes)),
+                                     c["ues"], c["local_steps"], UPLINK_BPS, DOWNLINK_BPS)
+  return out
+
+
+def render(grid):
+  """``results/grid.md``: one table per (arch, CR), and the round-time model."""
+  lines = []
+  for item, g in grid.items():
+    c = g["config"]
+    fed = g["runs"].get("fedavg", {}).get("bytes_per_ue_round")
+    lines += [f"### {item.replace(':', ' CR ')} ({c['ues']} UEs, {c['rounds']} rounds x "
+              f"{c['local_steps']} steps, batch {c['batch_size']}; load {g['load'][0]:.0f})", "",
+              "| method | NMSE (dB) | rho | bytes/UE/round | vs FedAvg | total bytes |",
+              "|---|---|---|---|---|---|"]
+    for m, s in g["runs"].items():
+      ratio = f"{fed / s['bytes_per_ue_round']:.1f}x less" if fed and m in ("split", "pipeline") else ""
+      lines.append(f"| {s['label']} | {s['nmse_db']:.2f} | {s['rho']:.4f} | "
+                   f"{s['bytes_per_ue_round']:,} | {ratio} | {s['total_bytes']:,} |")
+    rm = g["round_model"]
+    lines += ["", "Round-time model (s per round; per-stage times measured here, "
+              f"{UPLINK_BPS / 1e6:.0f} Mbit/s up, {DOWNLINK_BPS / 1e6:.0f} Mbit/s down per UE):", "",
+              "| | total | UE | links | BTS | of which bubble |", "|---|---|---|---|---|---|"]
+    for k, v in rm.items():
+      lines.append(f"| {k} | {v['total']:.4f} | {v['ue']:.4f} | {v['link']:.4f} | "
+                   f"{v['bts']:.4f} | {v['bubble']:.4f} |")
+    lines.append("")
+  with open(os.path.join(HERE, "results", "grid.md"), "w") as f:
+    f.write("\n".join(lines))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--configs", default="csinet:16,crnet:16,csinet:4,crnet:4")
+  parser.add_argument("--pipeline-for", default="csinet:16",
+                      help="configs that also run the pipelined method (equal to split)")
+  args = parser.parse_args()
+  out_path = os.path.join(HERE, "results", "grid.json")
+  grid = json.load(open(out_path)) if os.path.exists(out_path) else {}
+  for item in args.configs.split(","):
+    arch, cr = item.split(":")
+    methods = "centralized,fedavg,split" + (",pipeline" if item in args.pipeline_for.split(",") else "")
+    config = CsiConfig(arch=arch, cr=int(cr), methods=methods,
+                       workdir=os.path.join(HERE, "runs", f"{arch}-cr{cr}"),
+                       resume=os.path.exists(os.path.join(HERE, "runs", f"{arch}-cr{cr}", "config.json")),
+                       **COMMON)
+    t0 = time.time()
+    results = run_csi(config)
+    times = measure(arch, int(cr), COMMON["batch_size"])
+    model = get_csi_model(arch, int(cr))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
+    grid[item] = {"runs": {m: {k: v for k, v in s.items() if k != "curve"} | {"curve": s["curve"]}
+                           for m, s in results["runs"].items()},
+                  "times": times, "round_model": round_model(arch, int(cr), times, shapes),
+                  "wall_s": time.time() - t0, "load": os.getloadavg(),
+                  "devices": results["devices"], "config": results["config"]}
+    json.dump(grid, open(out_path, "w"), indent=1)
+    render(grid)
+    print(item, "done in", time.time() - t0, "s; load", os.getloadavg(), flush=True)
+
+
+if __name__ == "__main__":
+  main()

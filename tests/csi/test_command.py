@@ -1,0 +1,70 @@
+"""``picpq csi``: one-line errors that write nothing, and a tiny run that resumes exactly."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+
+from picpq_jax import cli
+from picpq_jax.csi.config import CsiConfig
+from picpq_jax.csi.run import run_csi
+
+
+def _mat(path, key="HT", n=24, width=2048, seed=0):
+  rng = np.random.default_rng(seed)
+  scipy.io.savemat(path, {key: rng.uniform(0.3, 0.7, size=(n, width)).astype(np.float32)})
+  return str(path)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--cr", "3"], "dividing 2048"),
+    (["--stages", "5"], "use 1 to 4 stages"),
+    (["--methods", "split,gossip"], "unknown gossip"),
+    (["--bits", "1"], "--bits=1"),
+    (["--test-per-ue", "80"], "--test-per-ue=80"),
+    (["--arch", "resnet"], "unknown CSI architecture"),
+])
+def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, needle):
+  workdir = tmp_path / "run"
+  assert cli.main(["csi", "--workdir", str(workdir), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert needle in err and len(err.splitlines()) == 1, err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: _mat(d / "x.mat", key="H"), "has no 'HT' array"),
+    (lambda d: _mat(d / "x.mat", width=1024), "must be real [N, 2048]"),
+    (lambda d: _mat(d / "x.mat", n=10), "10 samples but --ues 2"),
+])
+def test_bad_mat_files_exit_2_and_write_nothing(tmp_path, capsys, make, needle):
+  workdir = tmp_path / "run"
+  path = make(tmp_path)
+  argv = ["csi", "--workdir", str(workdir), "--data", path, "--ues", "2",
+          "--samples-per-ue", "12", "--test-per-ue", "4"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert needle in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(workdir / "config.json") and not (workdir / "split").exists()
+
+
+def test_run_resumes_to_the_same_result(tmp_path):
+  data = _mat(tmp_path / "ht.mat")
+  common = dict(data=data, methods="split", ues=2, samples_per_ue=12, test_per_ue=4, cr=64,
+                rounds=2, local_steps=1, batch_size=4, bits=8, progress=False, plot=False)
+  full = run_csi(CsiConfig(workdir=str(tmp_path / "a"), **common), print_fn=lambda s: None)
+  run_csi(CsiConfig(workdir=str(tmp_path / "b"), **common), stop_after_round=1,
+          print_fn=lambda s: None)
+  resumed = run_csi(CsiConfig(workdir=str(tmp_path / "b"), resume=True, **common),
+                    print_fn=lambda s: None)
+  a, b = full["runs"]["split"], resumed["runs"]["split"]
+  assert a["rounds_done"] == b["rounds_done"] == 2
+  assert a["curve"] == b["curve"]  # losses, NMSE, rho and bytes, round by round
+  # bytes by hand: codewords [4, 32] at 8 bits (128 + 8), targets [4, 2048] float32,
+  # gradients [4, 32] float32, one step per round.
+  assert a["bytes_per_ue_round"] == (128 + 8) + 4 * 2048 * 4 + 4 * 32 * 4
+  saved = json.loads((tmp_path / "b" / "results.json").read_text())
+  assert saved["runs"]["split"]["nmse_db"] == b["nmse_db"]
+  assert (tmp_path / "b" / "report.md").read_text().count("| Split (own encoders) |") == 1
