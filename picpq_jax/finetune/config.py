@@ -68,7 +68,7 @@ class FinetuneConfig:
   qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
   qlora_grid: str = option("int", "levels of the quantized base: int (uniform, 4 or 8 bits) or nf4 (QLoRA's 4-bit NormalFloat)")
   qlora_double_quant: bool = option(False, "quantize the base's absmax scales to int8 too (blocks of 256; QLoRA's double quantization)")
-  head: str = option("random", "the classifier head's start: random (drawn; mean pooling), labels (zero-shot: scale * cosine of the sentence embedding to each class's label-prompt embedding) or probe (ridge regression fitted in closed form on the training examples)")
+  head: str = option("auto", "the classifier head's start: auto (labels for sst2, random for shakespeare), random (drawn; mean pooling), labels (zero-shot: scale * cosine of the sentence embedding to each class's label-prompt embedding) or probe (ridge regression fitted in closed form on the training examples)")
   label_prompts: str = option("It was terrible.|It was great.", "--head labels: one prompt per class, class 0 first, separated by '|'")
   label_scale: float = option(20.0, "--head labels: inverse temperature s of logits = s * cosine")
   probe_l2: float = option(10.0, "--head probe: ridge penalty lambda")
@@ -83,6 +83,8 @@ class FinetuneConfig:
 
   def __post_init__(self):
     check(self.task in TASKS, "task", self.task, " or ".join(TASKS))
+    if self.head == "auto":  # measured better than a random head: experiments/finetune
+      object.__setattr__(self, "head", "labels" if self.task == "sst2" else "random")
     check(self.method in METHODS, "method", self.method, ", ".join(METHODS))
     check(self.federated in FEDERATED, "federated", self.federated, "'', fedit or fedkseed")
     if self.task == "shakespeare":

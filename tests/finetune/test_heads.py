@@ -175,7 +175,7 @@ def test_mezo_improves_on_a_label_start():
     (dict(label_prompts="only one"), "--label-prompts="),
     (dict(eval_split="test"), "--eval-split='test'"),
     (dict(method="qlora", qlora_bits=8, qlora_grid="nf4"), "--qlora-grid='nf4'"),
-    (dict(method="mezo", zo_part="head", dropout=0.0), "--zo-part='head'"),
+    (dict(method="mezo", zo_part="head", head="random", dropout=0.0), "--zo-part='head'"),
     (dict(method="mezo", zo_part="head", head="labels", dropout=0.1), "--dropout=0.1"),
 ])
 def test_config_rejects_bad_head_and_grid_options(options, needle):
