@@ -64,26 +64,31 @@ def runs(args) -> list[tuple[str, int, int, list[str]]]:
   out = []
   common = ["--data", args.data, "--eval-size", str(args.eval_size), "--max-len",
             str(args.max_len), "--batch-size", str(args.batch_size)]
+  head = ["--head", args.head]
+  zo_name = lambda name: name if args.zo_part == "full" else f"{name}-{args.zo_part}"  # noqa: E731
   zo = ["--head", args.zo_head, "--lr", str(args.zo_lr), "--mezo-eps", str(args.zo_eps),
-        "--zo-part", args.zo_part, "--dropout", str(args.zo_dropout)]
+        "--zo-part", args.zo_part, "--dropout", str(args.zo_dropout),
+        "--checkpoint-every", str(args.zo_checkpoint_every)]
   for i, k in enumerate(args.ks):
     for name, extra in METHODS.items():
       if name == "mezo":
-        out += [(name, k, seed, [*extra, *zo, "--k", str(k), "--steps", str(args.mezo_steps),
+        out += [(zo_name(name), k, seed, [*extra, *zo, "--k", str(k), "--steps", str(args.mezo_steps),
                                  *common, "--seed", str(seed)]) for seed in args.seeds]
       else:
-        out.append((name, k, args.seed, [*extra, "--k", str(k), "--epochs", str(args.epochs),
-                                         *common, "--seed", str(args.seed)]))
+        out.append((name, k, args.seed, [*extra, *head, "--k", str(k), "--epochs",
+                                         str(args.epochs), *common, "--seed", str(args.seed)]))
     if k in args.fed_ks or (not args.fed_ks and i == 0):
       fed = ["--clients", str(args.clients), "--k", str(k), *common]
       out.append(("fedit-lora", k, args.seed, [
           "--method", "lora", "--federated", "fedit", "--rounds", str(args.fedit_rounds),
-          "--local-steps", str(args.fedit_local_steps), *fed, "--seed", str(args.seed)]))
-      out += [("fedkseed-zo", k, seed, [
+          "--local-steps", str(args.fedit_local_steps), *head, *fed, "--seed",
+          str(args.seed)]))
+      out += [(zo_name("fedkseed-zo"), k, seed, [
           "--method", "mezo", "--federated", "fedkseed", *zo, "--rounds", str(args.zo_rounds),
           "--local-steps", str(args.zo_local_steps), *fed, "--seed", str(seed)])
               for seed in args.seeds]
-  return [r for r in out if not args.only or r[0] in args.only]
+  return [r for r in out if not args.only or r[0] in args.only
+          or r[0].rsplit("-", 1)[0] in args.only]
 
 
 def row(name: str, k: int, r: dict, command: str, config: dict) -> dict:
@@ -105,7 +110,16 @@ def row(name: str, k: int, r: dict, command: str, config: dict) -> dict:
       "learning_rate": r["learning_rate"], "bytes_per_round": r.get("bytes_per_round"),
       "traffic_per_round": r.get("traffic_per_round"), "clients": r.get("clients"),
       "local_steps": r.get("local_steps"), "command": command,
+      # --zo-part head: the step runs on embeddings made once by an inference pass
+      # (the evaluation program, batch 64); that pass is the method's memory.
+      "embed_pass_bytes": (r["eval_memory"]["argument_bytes"] + r["eval_memory"]["temp_bytes"]
+                           if r.get("zo_part") == "head" else None),
   }
+
+
+def _key(r: dict) -> tuple:
+  """A row's identity: (name, k, seed, head)."""
+  return r["name"], r["k"], r.get("seed", 0), r.get("head", "random")
 
 
 def _spread(values: list[float]) -> str:
@@ -117,10 +131,10 @@ def _spread(values: list[float]) -> str:
 
 
 def grouped(rows: list[dict]) -> list[list[dict]]:
-  """Rows of one (name, k) together (several seeds), in first-seen order."""
+  """Rows of one (name, k, head) together (several seeds), in first-seen order."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["name"], r["k"]), []).append(r)
+    groups.setdefault(_key(r)[:2] + _key(r)[3:], []).append(r)
   return list(groups.values())
 
 
@@ -133,6 +147,7 @@ def table(rows: list[dict]) -> str:
   for group in grouped(rows):
     r = group[0]
     at = (r["step_argument_bytes"] + r["step_temp_bytes"]) / MIB
+    at = max(at, (r.get("embed_pass_bytes") or 0) / MIB)
     full = base.get(r["k"])
     # Federated rows run all clients in one program: not one device's step.
     ratio = (f"{(full['step_argument_bytes'] + full['step_temp_bytes']) / MIB / at:.1f}x"
@@ -144,7 +159,8 @@ def table(rows: list[dict]) -> str:
         f"| {','.join(str(g.get('seed', 0)) for g in group)} "
         f"| {_spread(starts) if starts else '-'} "
         f"| {_spread([g['eval_accuracy'] for g in group])} | {r['trainable_params']:,} "
-        f"| {r['step_argument_bytes'] / MIB:.1f} | {r['step_temp_bytes'] / MIB:.1f} | {at:.1f} "
+        f"| {r['step_argument_bytes'] / MIB:.1f} | {r['step_temp_bytes'] / MIB:.1f} | {at:.1f}"
+        f"{'*' if r.get('embed_pass_bytes') else ''} "
         f"| {ratio} | {max(g['peak_rss_bytes'] for g in group) / MIB:.0f} "
         f"| {statistics.median(g['median_step_s'] for g in group):.3f} | {r['steps']} "
         f"| {r['bytes_per_round'] if r['bytes_per_round'] is not None else '-'} |")
@@ -157,9 +173,8 @@ def merged(rows: list[dict]) -> list[dict]:
   invocations, e.g. a re-run of some methods, build one table)."""
   path = RESULTS / "sst2.json"
   old = json.loads(path.read_text())["rows"] if path.is_file() else []
-  key = lambda r: (r["name"], r["k"], r.get("seed", 0))  # noqa: E731
-  new = {key(r): r for r in rows}
-  out = [new.pop(key(r), r) for r in old]
+  new = {_key(r): r for r in rows}
+  out = [new.pop(_key(r), r) for r in old]
   return out + list(new.values())
 
 
@@ -186,7 +201,9 @@ def write(rows: list[dict], args, started: float, command: str) -> None:
           f"same sentences; several seeds: mean ± sample sd [min, max]); memory from "
           f"`memory_analysis()` of the compiled training step (batch {args.batch_size}, "
           f"sequences trimmed to the longest training sentence, at most {args.max_len} "
-          f"tokens); peak RSS of the run's process.\n\n{table(rows)}\n")
+          f"tokens); peak RSS of the run's process. *: `--zo-part head` rows, whose step (a few "
+          f"KiB) runs on sentence embeddings made once: args+temp is that embedding pass "
+          f"(the evaluation program, batch 64).\n\n{table(rows)}\n")
   (RESULTS / "sst2.md").write_text(text)
 
 
@@ -208,14 +225,17 @@ def main() -> None:
   parser.add_argument("--seeds", default="0", help="comma-separated seeds of the ZO rows")
   parser.add_argument("--only", default="", help="comma-separated row names to run (all: '')")
   parser.add_argument("--fed-ks", default="", help="ks of the federated rows ('': the first)")
+  parser.add_argument("--head", default="random", help="--head of the first-order and FedIT rows")
   parser.add_argument("--zo-head", default="labels", help="--head of the ZO rows")
   parser.add_argument("--zo-lr", type=float, default=1e-5)
   parser.add_argument("--zo-eps", type=float, default=1e-3)
   parser.add_argument("--zo-part", default="full")
   parser.add_argument("--zo-dropout", type=float, default=0.0)
+  parser.add_argument("--zo-checkpoint-every", type=int, default=50,
+                      help="ZO rows: --checkpoint-every (thousands of 0.5 ms head steps)")
   parser.add_argument("--merge", action="store_true",
-                      help="add these rows to those in results/sst2.json (same name, k and "
-                      "seed: replaced) instead of starting a new table")
+                      help="add these rows to those in results/sst2.json (same name, k, "
+                      "seed and head: replaced) instead of starting a new table")
   parser.add_argument("--workdir", default="runs/finetune_sst2")
   parser.add_argument("--report", action="store_true",
                       help="only rewrite sst2.md from the rows in sst2.json")
@@ -234,7 +254,8 @@ def main() -> None:
   started = time.time()
   rows = []
   for name, k, seed, options in runs(args):
-    workdir = os.path.join(args.workdir, f"{name}_k{k}_s{seed}")
+    workdir = os.path.join(args.workdir, f"{name}_k{k}_s{seed}" + (
+        f"_{args.head}" if name not in ZO and not name.startswith(ZO) else ""))
     argv = ["picpq", "finetune", *options, "--workdir", workdir, "--no-progress"]
     results = Path(workdir) / "results.json"
     done = results.is_file() and json.loads(results.read_text()).get("finished")

@@ -21,7 +21,7 @@ from picpq_jax.options import check, option
 TASKS = ("sst2", "shakespeare")
 METHODS = ("full", "lora", "bitfit", "prompt", "mezo", "qlora")
 FIRST_ORDER = ("full", "lora", "bitfit", "prompt", "qlora")
-ZO_PARTS = ("full", "lora", "bitfit", "prompt")
+ZO_PARTS = ("full", "lora", "bitfit", "prompt", "head")
 FEDERATED = ("", "fedit", "fedkseed")
 HEADS = ("random", "labels", "probe")  # picpq_jax.finetune.heads.HEADS (no jax import here)
 EVAL_SPLITS = ("dev", "train")
@@ -62,13 +62,13 @@ class FinetuneConfig:
   remat: bool = option(False, "rematerialize each encoder block in the backward pass (jax.checkpoint)")
   mezo_eps: float = option(1e-3, "MeZO perturbation scale")
   mezo_n: int = option(1, "MeZO directions per step (n-SPSA)")
-  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit or prompt")
+  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt or head (the classifier head alone)")
   pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
   qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
   qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
   qlora_grid: str = option("int", "levels of the quantized base: int (uniform, 4 or 8 bits) or nf4 (QLoRA's 4-bit NormalFloat)")
   qlora_double_quant: bool = option(False, "quantize the base's absmax scales to int8 too (blocks of 256; QLoRA's double quantization)")
-  head: str = option("random", "the classifier head's start: random (drawn; mean pooling), labels (zero-shot: scale * cosine of the sentence embedding to each class's label-prompt embedding) or probe (ridge regression fitted in closed form on the training examples)")
+  head: str = option("auto", "the classifier head's start: auto (labels for sst2, random for shakespeare), random (drawn; mean pooling), labels (zero-shot: scale * cosine of the sentence embedding to each class's label-prompt embedding) or probe (ridge regression fitted in closed form on the training examples)")
   label_prompts: str = option("It was terrible.|It was great.", "--head labels: one prompt per class, class 0 first, separated by '|'")
   label_scale: float = option(20.0, "--head labels: inverse temperature s of logits = s * cosine")
   probe_l2: float = option(10.0, "--head probe: ridge penalty lambda")
@@ -83,6 +83,8 @@ class FinetuneConfig:
 
   def __post_init__(self):
     check(self.task in TASKS, "task", self.task, " or ".join(TASKS))
+    if self.head == "auto":  # measured better than a random head: experiments/finetune
+      object.__setattr__(self, "head", "labels" if self.task == "sst2" else "random")
     check(self.method in METHODS, "method", self.method, ", ".join(METHODS))
     check(self.federated in FEDERATED, "federated", self.federated, "'', fedit or fedkseed")
     if self.task == "shakespeare":
@@ -113,6 +115,11 @@ class FinetuneConfig:
     check(self.mezo_eps > 0, "mezo_eps", self.mezo_eps, "a number > 0")
     check(self.mezo_n >= 1, "mezo_n", self.mezo_n, "an integer >= 1")
     check(self.zo_part in ZO_PARTS, "zo_part", self.zo_part, ", ".join(ZO_PARTS))
+    zo_head = self.method == "mezo" and self.zo_part == "head"
+    check(not (zo_head and self.head == "random"), "zo_part", self.zo_part,
+          "full, lora, bitfit or prompt with --head random (head needs --head labels or probe)")
+    check(not (zo_head and self.dropout), "dropout", self.dropout,
+          "0 with --zo-part head (the sentences are embedded once, without dropout)")
     check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
     check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
     check(self.qlora_grid in ("int", "nf4") and (self.qlora_grid == "int" or self.qlora_bits == 4),

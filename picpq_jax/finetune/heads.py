@@ -28,6 +28,12 @@ sentence embedding ``[H]``) whose Dense parameters are set, not drawn:
 
 Every method (first-order, MeZO, the federated rounds) then trains from the head
 :func:`start_head` builds; ``picpq finetune --head labels|probe`` selects it.
+
+Zeroth-order training of the head alone (``--zo-part head``) needs many steps
+(SPSA's variance grows with the ``H * C + C`` dimensions it moves in), and with the
+encoder frozen and no dropout a batch's loss depends on the encoder only through its
+sentences' embeddings: :func:`embedded_loss` computes them once and gives the loss of
+the head over them, the same loss as the whole classifier's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from picpq_jax.errors import UserError
 from picpq_jax.finetune.config import HEADS
@@ -158,3 +165,42 @@ def start_head(head: str, model: BertClassifier, params: dict,
   else:
     raise UserError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
   return {**params, "head": {**params["head"], "classifier": dense}}
+
+
+def embedded_loss(model: BertClassifier, params: dict, data: TokenizedText
+                  ) -> tuple[TokenizedText, Callable]:
+  """The classifier's loss with the encoder's sentence embeddings computed once.
+
+  With a frozen encoder and no dropout, ``model``'s logits for example ``i`` are
+  ``e_i @ kernel + bias`` (``e_i`` its unit sentence embedding, ``pooling=
+  "sentence"``). The embeddings ``E`` ``[N, H]`` of ``data`` are computed here; the
+  returned ``rows`` carry each example's row of ``E`` in place of its tokens, so the
+  batching of tokenized text (:func:`~picpq_jax.finetune.text.text_batches`, the
+  federated clients' shares) batches them unchanged.
+
+  Args:
+    model: the classifier (``pooling="sentence"``).
+    params: ``{"encoder": ..., "head": {"classifier": {"kernel", "bias"}}}``.
+    data: the tokenized training examples, N of them.
+
+  Returns:
+    ``(rows, loss_fn)``: ``rows`` a :class:`TokenizedText` with ``input_ids`` int32
+    ``[N, 1]`` (the row ``i``), ``attention_mask`` ones ``[N, 1]`` and ``data``'s
+    labels; ``loss_fn(params, batch, key) -> float32 []`` the mean cross-entropy of
+    ``E[batch["input_ids"][:, 0]] @ kernel + bias`` (``params["head"]`` read only;
+    ``key`` unused: no dropout).
+  """
+  if model.pooling != "sentence":
+    raise UserError(f"the head's loss over sentence embeddings needs pooling='sentence' "
+                    f"(--head labels or probe), got {model.pooling!r}")
+  table = jnp.asarray(sentence_embeddings(BertEncoder(model.config, model.dtype),
+                                          params["encoder"], data))
+  n = len(data.labels)
+  rows = TokenizedText(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.int32),
+                       data.labels)
+
+  def loss_fn(params, batch, key=None):
+    dense = params["head"]["classifier"]
+    logits = table[batch["input_ids"][:, 0]] @ dense["kernel"] + dense["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return rows, loss_fn

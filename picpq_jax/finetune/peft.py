@@ -229,6 +229,15 @@ def prompt(length: int = 20, init_ids: Any = None, embedding: str = "word_embedd
   return Method("prompt", init, lambda frozen, soft, key=None: (frozen, {"prompt": soft}))
 
 
+def only(pattern: str, name: str = "only") -> Method:
+  """Only the leaves matching ``pattern`` train (``only("^head/")``: the classifier
+  head alone, linear probing), every other leaf is frozen."""
+  def init(key, params):
+    paths = set(matching(params, pattern, name))
+    return partition(params, path_mask(params, lambda p: p in paths))
+  return Method(name, init, lambda frozen, trainable, key=None: (merge(frozen, trainable), {}))
+
+
 def train_also(method: Method, pattern: str | None) -> Method:
   """``method`` plus the leaves matching ``pattern`` trained in full.
 

@@ -100,6 +100,8 @@ def build_method(name: str, config: FinetuneConfig) -> peft.Method:
     return peft.full()
   if name == "bitfit":
     return peft.bitfit(HEAD)
+  if name == "head":
+    return peft.only(HEAD, "head")
   if name == "prompt":
     return peft.train_also(peft.prompt(config.prompt_length), HEAD)
   if name == "lora":
@@ -111,7 +113,7 @@ def build_method(name: str, config: FinetuneConfig) -> peft.Method:
                                         dropout=config.lora_dropout, grid=config.qlora_grid,
                                         double_quant=config.qlora_double_quant), HEAD)
   raise UserError(f"unknown fine-tuning method {name!r}: use full, lora, bitfit, prompt, "
-                  "mezo or qlora")
+                  "head, mezo or qlora")
 
 
 # ----------------------------------------------------------------------------- data
@@ -210,10 +212,12 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
       l2=config.probe_l2)
   total_params = param_count(params)
   zo = config.method == "mezo"
+  step_data, loss_fn = train_tok, _classifier_loss(model)
+  if zo and config.zo_part == "head":  # the encoder is frozen: embed the examples once
+    step_data, loss_fn = heads.embedded_loss(model, params, train_tok)
   method = build_method(config.zo_part if zo else config.method, config)
   frozen, trainable = method.init(k_method, params)
   del params, pre
-  loss_fn = _classifier_loss(model)
   lr = config.learning_rate
   info = {"num_train": len(train), "num_eval": len(dev), "num_classes": num_classes,
           "seq_len": int(train_tok.input_ids.shape[1]), "total_params": total_params,
@@ -225,14 +229,14 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
     info["start_eval"] = evaluate(trainable)
   if config.federated:
     return _federated_job(config, model, method, frozen, trainable, loss_fn, train,
-                          train_tok, evaluate, k_train, info)
+                          step_data, evaluate, k_train, info)
 
   steps_per_epoch = len(train) // config.batch_size
   if steps_per_epoch < 1:
     raise UserError(f"--batch-size={config.batch_size} exceeds the {len(train)} training "
                     "examples: lower --batch-size or raise --k")
   total = config.steps or max(1, round(config.epochs * steps_per_epoch))
-  batches = lambda start: text_batches(train_tok, config.batch_size, config.seed, start)  # noqa: E731
+  batches = lambda start: text_batches(step_data, config.batch_size, config.seed, start)  # noqa: E731
   example = next(batches(0))
   key0 = jax.random.fold_in(k_train, 0)
   if zo:

@@ -108,6 +108,31 @@ def test_label_start_scores_its_own_prompt_at_the_scale(tmp_path):
     heads.start_head("labels", model, params, tokenize, None, prompts=("x",))
 
 
+def test_embedded_loss_equals_the_whole_classifiers_loss(tmp_path):
+  """The loss over embeddings computed once against the tiny BERT's own forward pass
+  (no dropout), on a batch that picks rows out of order and twice."""
+  import optax
+  from picpq_jax.finetune import BertClassifier, init_classifier, load_minilm, load_tokenizer
+  from picpq_jax.finetune.text import TokenCache
+  from tests.finetune import tiny_run
+  folder = tiny_run.make_weights(tmp_path / "w")
+  pre, cache = load_minilm(folder), TokenCache(load_tokenizer(folder))
+  texts = ("the movie was bad", "good", "a good movie was it", "bad bad")
+  data = cache(TextDataset(texts, np.array([0, 1, 1, 0], np.int32)), 16)
+  model = BertClassifier(pre.config, 2, pooling="sentence")
+  params = init_classifier(jax.random.key(0), model, pre.params)
+  rows, loss_fn = heads.embedded_loss(model, params, data)
+  np.testing.assert_array_equal(rows.input_ids[:, 0], [0, 1, 2, 3])
+  pick = np.array([2, 0, 2])
+  batch = {"input_ids": rows.input_ids[pick], "attention_mask": rows.attention_mask[pick],
+           "label": rows.labels[pick]}
+  logits = model.apply({"params": params}, data.input_ids[pick], data.attention_mask[pick])
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, data.labels[pick]).mean()
+  np.testing.assert_allclose(float(loss_fn(params, batch, None)), float(want), rtol=1e-5)
+  with pytest.raises(UserError, match="pooling='sentence'"):
+    heads.embedded_loss(BertClassifier(pre.config, 2), params, data)
+
+
 def test_mezo_improves_on_a_label_start():
   """A synthetic zero-shot start: unit features of two classes that differ along
   ``u`` and share a common direction ``c`` (as sentence embeddings do), and label
@@ -150,6 +175,8 @@ def test_mezo_improves_on_a_label_start():
     (dict(label_prompts="only one"), "--label-prompts="),
     (dict(eval_split="test"), "--eval-split='test'"),
     (dict(method="qlora", qlora_bits=8, qlora_grid="nf4"), "--qlora-grid='nf4'"),
+    (dict(method="mezo", zo_part="head", head="random", dropout=0.0), "--zo-part='head'"),
+    (dict(method="mezo", zo_part="head", head="labels", dropout=0.1), "--dropout=0.1"),
 ])
 def test_config_rejects_bad_head_and_grid_options(options, needle):
   from picpq_jax.finetune.config import FinetuneConfig

@@ -136,6 +136,19 @@ def test_remat_gives_the_same_step_and_aux_is_returned():
       np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def test_only_freezes_everything_but_the_matching_leaves():
+  params = toy_params()
+  frozen, trainable = peft.only("^head/", "head").init(None, params)
+  assert set(peft.flatten(trainable)) == {"head/kernel", "head/bias"}
+  assert peft.trainable_count(trainable) == 8 * 3 + 3  # toy head: kernel [8, 3], bias [3]
+  merged, extras = peft.only("^head/").combine(frozen, trainable)
+  assert extras == {} and set(peft.flatten(merged)) == set(peft.flatten(params))
+  for p, x in peft.flatten(merged).items():
+    np.testing.assert_array_equal(x, peft.flatten(params)[p])
+  with pytest.raises(UserError, match="head pattern 'classifier' matches none"):
+    peft.only("classifier", "head").init(None, params)
+
+
 def test_train_also_requires_a_match():
   with pytest.raises(UserError, match="--train-also pattern 'classifier' matches none"):
     peft.train_also(peft.prompt(2), "classifier").init(jax.random.key(0), toy_params())

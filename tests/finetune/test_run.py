@@ -123,6 +123,15 @@ def test_mezo_moves_only_its_part_and_keeps_no_optimizer_state(folders, tmp_path
       "trainable/full/head/classifier/bias"}
 
 
+def test_mezo_on_the_head_alone_leaves_the_encoder_frozen(folders, tmp_path):
+  out = run_finetune(config(folders, tmp_path, method="mezo", zo_part="head", head="labels",
+                            steps=2, dropout=0.0, lr=1e-1), print_fn=lambda s: None)
+  assert out["trainable_params"] == HEAD and out["zo_part"] == "head"
+  state = flat(saved_state(tmp_path, 2))
+  assert set(state) == {"trainable/head/classifier/kernel", "trainable/head/classifier/bias"}
+  assert state["trainable/head/classifier/kernel"].shape == (HIDDEN, 2)
+
+
 def test_fedit_bytes_per_round(folders, tmp_path):
   fedit = run_finetune(config(folders, tmp_path, method="lora", federated="fedit", clients=2,
                               rounds=1, local_steps=2, k=2, batch_size=2),
