@@ -114,7 +114,7 @@ def summarize() -> str:
     lines.append(f"| {target:.0%} | {label} | {len(rs)} | {bops / 1e9:.3f} G | "
                  f"{np.mean([r['bops_ratio'] for r in rs]):.1f}x | "
                  f"{np.mean([r['pruned_test_accuracy'] for r in rs]):.4f} | "
-                 f"{acc.mean():.4f} ± {spread:.4f} | "
+                 f"{acc.mean():.4f}{f' ± {spread:.4f}' if len(rs) > 1 else ' (1 seed)'} | "
                  f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
     points.append({"label": label, "bops": bops, "accuracy": float(acc.mean()),
                    "spread": spread})
