@@ -231,3 +231,50 @@ def uniform_bits(structure: ModelStructure, bits: int, max_bits: Sequence[int]) 
     if b < FULL_PRECISION_BITS:
       out[layer.name] = jnp.int32(bits)
   return _quant_collection(out)
+
+
+def inner_block_inputs(structure: ModelStructure) -> dict[str, str]:
+  """``{reader: writer}`` of every layer whose input is a block's *inner* activation.
+
+  A layer's input is inner when the group it reads has a single writer in the same
+  module (``stage1_block0/conv1`` -> ``stage1_block0/conv2``): the map after a
+  basic block's ``bn1``/ReLU. Residual streams (several writers, or a writer in
+  another block) and the image are not.
+  """
+  groups = {g.name: g for g in structure.groups}
+  parent = lambda name: name.rpartition("/")[0]
+  out = {}
+  for layer in structure.layers:
+    group = groups.get(layer.in_group)
+    if group is None or len(group.writers) != 1 or group.depthwise:
+      continue
+    (writer,) = group.writers
+    if parent(writer) and parent(writer) == parent(layer.name):
+      out[layer.name] = writer
+  return out
+
+
+def inner_activation_quant(structure: ModelStructure, quant: Mapping[str, Any]) -> dict:
+  """The reference's activation placement applied to a ``quant`` collection.
+
+  PIC-PQ's ResNet (``resnet_cifar_qt2.py``) quantizes only each basic block's inner
+  activation, with the bits of the conv that wrote it; every other layer's input
+  (the image, block inputs, the residual stream, the classifier's input) stays full
+  precision. Weights keep their bits.
+
+  Args:
+    structure: the model's static structure.
+    quant: a ``quant`` collection (``{..: {"w_bits", "a_bits"}}``), e.g. from
+      :func:`assign_bits`.
+
+  Returns:
+    The collection with ``a_bits`` = 32 except for :func:`inner_block_inputs`, which
+    get their writer's ``w_bits``.
+  """
+  flat = traverse_util.flatten_dict(dict(quant), sep="/")
+  inner = inner_block_inputs(structure)
+  for layer in structure.layers:
+    writer = inner.get(layer.name)
+    flat[f"{layer.name}/a_bits"] = (flat[f"{writer}/w_bits"] if writer
+                                    else jnp.int32(FULL_PRECISION_BITS))
+  return traverse_util.unflatten_dict(flat, sep="/")

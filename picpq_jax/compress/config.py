@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from picpq_jax.compress.cost_model import METRICS
 from picpq_jax.compress.quantizers import QUANTIZERS
@@ -18,16 +19,31 @@ CRITERIA = ("rank", "l1", "l2", "bn_gamma")
 # no stage (workdir, resume, restart_from, progress) may change.
 STAGE_FIELDS = {
     "baseline": ("checkpoint", "data", "batch_size"),
-    "filter_property": ("criterion", "fp_batches", "fp_batch_size", "seed"),
+    "filter_property": ("criterion", "fp_point", "fp_batches", "fp_batch_size", "seed"),
     "genes": ("evolution", "population", "sample", "generations", "children", "tau_hat",
               "mutation_rate", "search_val_size", "strategy", "target", "metric", "safeguard",
-              "min_channels", "lr", "weight_decay"),
-    "plan": ("allocation", "uniform_bits", "penalty", "max_bits"),
+              "min_channels", "lr", "weight_decay", "identity_seed", "sampling", "returns",
+              "search_optimizer"),
+    "plan": ("allocation", "uniform_bits", "penalty", "max_bits", "act_quant"),
     "finetune": ("ft_epochs",),
     "qat": ("quantizer", "qat_epochs"),
 }
 STAGES = tuple(STAGE_FIELDS)
 ALLOCATIONS = ("global", "uniform")
+FP_POINTS = {"conv": "conv", "relu": "activation"}  # --fp-point -> criteria's ``point``
+ACT_QUANT = ("inner", "every-conv")
+SEARCH_OPTIMIZERS = ("momentum", "nesterov")
+
+# The reference's choice (fanxxxxyi/PIC-PQ b0b46b8) of every option that has one
+# here; report.md names each option of a run that differs. Sizes (population,
+# generations, tau_hat, epochs, search split) are scale, listed too.
+REFERENCE = {
+    "criterion": "rank", "fp_point": "conv", "act_quant": "inner", "identity_seed": True,
+    "sampling": "replace", "returns": "best-ever", "search_optimizer": "momentum",
+    "population": 64, "sample": 16, "generations": 400, "tau_hat": 200,
+    "mutation_rate": 0.1, "search_val_size": 5000, "ft_epochs": 30, "qat_epochs": 30,
+    "penalty": 1 / 6, "lr": 0.01, "allocation": "global", "evolution": True,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +60,7 @@ class CompressConfig:
   safeguard: float = option(0.1, "fraction of each channel group always kept")
   min_channels: int = option(2, "channels each group always keeps, at least")
   criterion: str = option("rank", "filter property: rank (HRank feature-map rank), l1, l2 or bn_gamma")
+  fp_point: str = option("conv", "feature map the rank is taken of: conv (the raw conv output, before BN; the reference) or relu (HRank's post-activation map; a block's second conv: after the residual add)")
   fp_batches: int = option(6, "training batches the filter property is averaged over")
   fp_batch_size: int = option(128, "batch size of the filter-property batches")
   evolution: bool = option(True, "learn (a, b) by regularized evolution; --no-evolution uses a=1, b=0")
@@ -53,8 +70,13 @@ class CompressConfig:
   children: int = option(1, "children evaluated per generation (in one compiled program)")
   tau_hat: int = option(200, "SGD steps of masked fine-tuning per fitness evaluation")
   mutation_rate: float = option(0.1, "fraction of layers a child mutates")
-  search_val_size: int = option(1000, "validation images that score a candidate")
+  search_val_size: int = option(5000, "images carved from the training data (the search split, never trained on) that score a candidate; at most a fifth of the training data (reference 5000)")
+  identity_seed: bool = option(True, "member 0 of the initial population is a=1, b=0 (reference)")
+  sampling: str = option("replace", "tournament members and mutated layers drawn with replacement (replace, reference) or distinct")
+  returns: str = option("best-ever", "genes the search returns: best-ever (reference) or final (fittest of the final population)")
+  search_optimizer: str = option("momentum", "SGD of the candidates' tau_hat steps: momentum (reference) or nesterov")
   strategy: str = option("map", "candidates inside one program: map (scan loops; accelerators), unroll (straight-line; fastest on CPU, compile grows with tau_hat) or vmap")
+  act_quant: str = option("inner", "which activations are quantized: inner (each basic block's conv2 input only, at its conv1's bits; block inputs and the residual stream stay float; reference) or every-conv (every quantized conv's input at its own bits)")
   penalty: float = option(1 / 6, "bit penalty: bits = max_bits - ceil(penalty / sparsity)")
   max_bits: str = option("reference", "per-conv maximum bits: 'reference' or a list like 32,8x18,6x18,4x18")
   quantizer: str = option("dorefa", "quantization-aware fine-tuning quantizer: dorefa, lsq or pact")
@@ -81,6 +103,10 @@ class CompressConfig:
     check(0.0 <= self.safeguard <= 1.0, "safeguard", self.safeguard, "[0, 1]")
     check(self.min_channels >= 1, "min_channels", self.min_channels, "an integer >= 1")
     check(self.criterion in CRITERIA, "criterion", self.criterion, " or ".join(CRITERIA))
+    check(self.fp_point in FP_POINTS, "fp_point", self.fp_point, " or ".join(FP_POINTS))
+    check(self.act_quant in ACT_QUANT, "act_quant", self.act_quant, " or ".join(ACT_QUANT))
+    check(self.search_optimizer in SEARCH_OPTIMIZERS, "search_optimizer",
+          self.search_optimizer, " or ".join(SEARCH_OPTIMIZERS))
     check(self.fp_batches >= 1, "fp_batches", self.fp_batches, "an integer >= 1")
     check(self.fp_batch_size >= 1, "fp_batch_size", self.fp_batch_size, "an integer >= 1")
     check(self.penalty >= 0.0, "penalty", self.penalty, "a number >= 0")
@@ -102,7 +128,12 @@ class CompressConfig:
         population=self.population, sample=self.sample, generations=self.generations,
         children=self.children, tau_hat=self.tau_hat, mutation_rate=self.mutation_rate,
         search_batch_size=self.batch_size, search_val_size=self.search_val_size,
-        strategy=self.strategy)
+        strategy=self.strategy, identity_seed=self.identity_seed, sampling=self.sampling,
+        returns=self.returns)
+
+  def deviations(self) -> dict[str, tuple[Any, Any]]:
+    """``{option: (this run's value, the reference's)}`` where they differ."""
+    return {k: (getattr(self, k), v) for k, v in REFERENCE.items() if getattr(self, k) != v}
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

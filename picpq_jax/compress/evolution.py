@@ -61,6 +61,16 @@ class Population(NamedTuple):
   loss: Array  # float32 [P]: validation loss after pruning and tau_hat steps (lower is fitter)
   born: Array  # int32 [P]: generation at which each member was added (aging: oldest dies)
   generation: Array  # int32 []: generations completed
+  best_a: Array  # float32 [L]: genes of the fittest member ever evaluated (the reference
+  best_b: Array  # float32 [L]: returns these; aging may have killed that member)
+  best_loss: Array  # float32 []: its loss
+
+
+def start_population(a: Array, b: Array, loss: Array) -> Population:
+  """Generation 0 from ``P`` scored gene sets (``a, b: [P, L]``, ``loss: [P]``)."""
+  i = jnp.argmin(loss)
+  return Population(a=a, b=b, loss=loss, born=jnp.zeros(loss.shape, jnp.int32),
+                    generation=jnp.int32(0), best_a=a[i], best_b=b[i], best_loss=loss[i])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,44 +182,63 @@ def sharded_population_loss(spec: FitnessSpec, mesh: Mesh | None) -> Callable:
                        out_specs=P("population"), check_vma=False)
 
 
-def tournament(key: Array, loss: Array, sample: int) -> Array:
-  """Index of the fittest of ``sample`` distinct members drawn at random (int32 [])."""
-  members = jax.random.choice(key, loss.shape[0], (sample,), replace=False)
+def tournament(key: Array, loss: Array, sample: int, replace: bool = True) -> Array:
+  """Index of the fittest of ``sample`` members drawn at random (int32 []).
+
+  ``replace=True`` draws them with replacement, as the reference
+  (``random.sample`` per draw); ``False`` draws ``sample`` distinct members.
+  """
+  members = jax.random.choice(key, loss.shape[0], (sample,), replace=replace)
   return members[jnp.argmin(loss[members])]
 
 
 def initial_population(key: Array, fp: Mapping[str, Array], structure: ModelStructure,
-                       size: int) -> tuple[Array, Array]:
-  """``size`` random gene sets ``(a, b)``, each ``[size, L]`` (DESIGN 4 initialization)."""
-  return jax.vmap(lambda k: pic.init_genes(k, fp, structure))(jax.random.split(key, size))
+                       size: int, identity: bool = True) -> tuple[Array, Array]:
+  """``size`` random gene sets ``(a, b)``, each ``[size, L]`` (DESIGN 4 initialization).
+
+  ``identity=True`` makes member 0 the identity genes ``a = 1, b = 0`` (the plain
+  criterion), as the reference seeds its population.
+  """
+  a, b = jax.vmap(lambda k: pic.init_genes(k, fp, structure))(jax.random.split(key, size))
+  if identity:
+    a, b = a.at[0].set(1.0), b.at[0].set(0.0)
+  return a, b
 
 
 def propose(population: Population, key: Array, fp_std: Array, *, sample: int,
-            children: int, generations: int, mutation_rate: float) -> tuple[Array, Array]:
+            children: int, generations: int, mutation_rate: float,
+            replace: bool = True) -> tuple[Array, Array]:
   """``children`` new gene sets ``(a, b)``, each ``[children, L]``: each is a mutation
-  of the winner of a tournament of ``sample`` members (DESIGN 4)."""
+  of the winner of a tournament of ``sample`` members (DESIGN 4); ``replace``: draw
+  tournament members and mutated layers with replacement (the reference)."""
   k_select, k_mutate = jax.random.split(key)
-  parents = jax.vmap(lambda k: tournament(k, population.loss, sample))(
+  parents = jax.vmap(lambda k: tournament(k, population.loss, sample, replace))(
       jax.random.split(k_select, children))
   step = pic.mutation_step(population.generation, generations)
-  return jax.vmap(lambda k, a, b: pic.mutate(k, a, b, fp_std, step, mutation_rate))(
+  return jax.vmap(lambda k, a, b: pic.mutate(k, a, b, fp_std, step, mutation_rate, replace))(
       jax.random.split(k_mutate, children), population.a[parents], population.b[parents])
 
 
 def replace_oldest(population: Population, a: Array, b: Array, loss: Array) -> Population:
   """Aging: the ``K`` oldest members die and the children ``(a, b, loss)`` (leading
-  axis ``K``) take their places; the generation counter advances."""
+  axis ``K``) take their places; the generation counter advances and the best-ever
+  genes are updated (a tie keeps the earlier one)."""
   oldest = jnp.argsort(population.born, stable=True)[:loss.shape[0]]
+  i = jnp.argmin(loss)
+  better = loss[i] < population.best_loss
   return Population(
       a=population.a.at[oldest].set(a), b=population.b.at[oldest].set(b),
       loss=population.loss.at[oldest].set(loss),
       born=population.born.at[oldest].set(population.generation + 1),
-      generation=population.generation + 1)
+      generation=population.generation + 1,
+      best_a=jnp.where(better, a[i], population.best_a),
+      best_b=jnp.where(better, b[i], population.best_b),
+      best_loss=jnp.where(better, loss[i], population.best_loss))
 
 
 def evolve(population: Population, key: Array, variables, fp, data: SearchData, *,
            evaluate: Callable, fp_std: Array, sample: int, children: int,
-           generations: int, mutation_rate: float) -> Population:
+           generations: int, mutation_rate: float, replace: bool = True) -> Population:
   """One generation of regularized evolution: ``children`` tournaments, mutations
   and evaluations; the ``children`` oldest members die.
 
@@ -221,19 +250,23 @@ def evolve(population: Population, key: Array, variables, fp, data: SearchData, 
     data: this generation's :class:`SearchData`.
     evaluate: ``(variables, fp, data, key, a[K, L], b[K, L]) -> loss [K]``.
     fp_std: float32 ``[L]``, ``std(FP_l)``, the scale of ``b`` mutations.
-    sample, children, generations, mutation_rate: static search settings.
+    sample, children, generations, mutation_rate, replace: static search settings
+      (``replace``: see :func:`propose`).
 
   Returns:
     The next population (same shapes).
   """
   k_propose, k_eval = jax.random.split(key)
   a, b = propose(population, k_propose, fp_std, sample=sample, children=children,
-                 generations=generations, mutation_rate=mutation_rate)
+                 generations=generations, mutation_rate=mutation_rate, replace=replace)
   return replace_oldest(population, a, b, evaluate(variables, fp, data, k_eval, a, b))
 
 
-def best(population: Population) -> tuple[Array, Array, Array]:
-  """Genes ``(a [L], b [L])`` and loss of the fittest member."""
+def best(population: Population, ever: bool = True) -> tuple[Array, Array, Array]:
+  """Genes ``(a [L], b [L])`` and loss of the fittest member: of every member ever
+  evaluated (``ever=True``, the reference) or of the final population."""
+  if ever:
+    return population.best_a, population.best_b, population.best_loss
   i = jnp.argmin(population.loss)
   return population.a[i], population.b[i], population.loss[i]
 

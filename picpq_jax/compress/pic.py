@@ -110,11 +110,14 @@ def num_mutated_layers(num_layers: int, rate: float) -> int:
 
 
 def mutate(key: Array, a: Array, b: Array, fp_std: Array, step: Array | float,
-           rate: float = 0.1) -> Genes:
+           rate: float = 0.1, replace: bool = False) -> Genes:
   """A child of genes ``(a, b)``: mutate :func:`num_mutated_layers` random layers.
 
   For each chosen layer ``l``: ``a_l *= exp(N(0, step))`` (stays positive) and
   ``b_l += N(0, fp_std_l)``; the other layers are copied (DESIGN.md section 4).
+  ``replace=True`` draws the layers with replacement, as the reference
+  (``random.randint`` per mutation): a layer drawn ``k`` times is mutated ``k``
+  times, i.e. its noise has ``sqrt(k)`` times the standard deviation.
 
   Args:
     key: PRNG key; it chooses the layers and draws the noise.
@@ -122,6 +125,7 @@ def mutate(key: Array, a: Array, b: Array, fp_std: Array, step: Array | float,
     fp_std: float32 ``[L]`` from :func:`fp_std`.
     step: mutation step (scalar, may be traced), see :func:`mutation_step`.
     rate: fraction of layers to mutate (static Python float).
+    replace: draw the layers with replacement (static).
 
   Returns:
     :class:`Genes`; jittable with ``rate`` static, vmappable over keys and parents.
@@ -130,13 +134,15 @@ def mutate(key: Array, a: Array, b: Array, fp_std: Array, step: Array | float,
   chex.assert_shape([a, b, fp_std], (num_layers,))
   count = num_mutated_layers(num_layers, rate)
   key_layers, key_a, key_b = jax.random.split(key, 3)
-  # The ``count`` largest of L uniform draws: a uniformly random subset of layers.
-  _, chosen = jax.lax.top_k(jax.random.uniform(key_layers, (num_layers,)), count)
-  mutated = jnp.zeros((num_layers,), bool).at[chosen].set(True)
-  noise_a = jax.random.normal(key_a, (num_layers,), jnp.float32) * step
-  noise_b = jax.random.normal(key_b, (num_layers,), jnp.float32) * fp_std
-  return Genes(jnp.where(mutated, a * jnp.exp(noise_a), a),
-               jnp.where(mutated, b + noise_b, b))
+  if replace:
+    chosen = jax.random.randint(key_layers, (count,), 0, num_layers)
+  else:  # the ``count`` largest of L uniform draws: a uniformly random subset
+    _, chosen = jax.lax.top_k(jax.random.uniform(key_layers, (num_layers,)), count)
+  times = jnp.zeros((num_layers,), jnp.float32).at[chosen].add(1.0)
+  scale = jnp.sqrt(times)  # k independent normal steps sum to one of sqrt(k) times the std
+  noise_a = jax.random.normal(key_a, (num_layers,), jnp.float32) * step * scale
+  noise_b = jax.random.normal(key_b, (num_layers,), jnp.float32) * fp_std * scale
+  return Genes(a * jnp.exp(noise_a), b + noise_b)
 
 
 def mutation_step(gen: int | Array, generations: int) -> float | Array:

@@ -42,7 +42,8 @@ from picpq_jax.compress import cost_model as cost_lib
 from picpq_jax.compress import criteria, evolution, pic, quantizers, report, search
 from picpq_jax.compress.compact import compact, zero_pruned_weights
 from picpq_jax.compress.export import export, load_exported
-from picpq_jax.compress.config import STAGE_FIELDS, STAGES, CompressConfig, parse_max_bits
+from picpq_jax.compress.config import (FP_POINTS, STAGE_FIELDS, STAGES, CompressConfig,
+                                       parse_max_bits)
 from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.errors import UserError
 from picpq_jax.train import TrainConfig, optim
@@ -173,26 +174,40 @@ def _cost_record(structure, masks, quant) -> dict:
   }
 
 
-def _search_genes(config, model, structure, variables, fp, train, val, mean, std,
+def search_split(train: pdata.ImageDataset, config: CompressConfig
+                 ) -> tuple[pdata.ImageDataset, pdata.ImageDataset]:
+  """``(train minus search, search)``: the search split that scores candidates is
+  carved from the training data (never the validation or test split), as the
+  reference holds out 5,000 training images: ``min(search_val_size, N // 5)``
+  images drawn with ``config.seed``; the candidates' fine-tuning steps use the rest."""
+  return pdata.train_val_split(train, min(config.search_val_size, len(train) // 5),
+                               config.seed)
+
+
+def _search_genes(config, model, structure, variables, fp, train, mean, std,
                   augment_name: str = "cifar") -> dict:
   num_layers = len(pic.prunable_layers(structure))
   if not config.evolution:
     return {"a": np.ones(num_layers, np.float32), "b": np.zeros(num_layers, np.float32),
-            "best_loss_history": np.zeros(0, np.float32)}
+            "best_loss_history": np.zeros(0, np.float32),
+            "best_ever_history": np.zeros(0, np.float32)}
   mean_j, std_j = jnp.asarray(mean), jnp.asarray(std)
+  train, scoring = search_split(train, config)
   train, device_augment = pdata.augmentation(augment_name, train)
   spec = evolution.FitnessSpec(
       model=model, structure=structure,
-      tx=optim.sgd_nesterov(config.lr, 0.9, config.weight_decay),
+      tx=optim.sgd_nesterov(config.lr, 0.9, config.weight_decay,
+                            nesterov=config.search_optimizer == "nesterov"),
       preprocess_train=lambda k, x: pdata.normalize(device_augment(k, x), mean_j, std_j),
       preprocess_eval=lambda x: pdata.normalize(x, mean_j, std_j),
       target=config.target, metric=config.metric, safeguard=config.safeguard,
       min_channels=config.min_channels, strategy=config.strategy)
-  result = search.run_search(spec, config.search_config(), variables, fp, train, val,
+  result = search.run_search(spec, config.search_config(), variables, fp, train, scoring,
                              os.path.join(config.workdir, "evolution"), seed=config.seed,
                              progress=config.progress)
   return {"a": result.a, "b": result.b,
-          "best_loss_history": np.asarray(result.best_loss_history, np.float32)}
+          "best_loss_history": np.asarray(result.best_loss_history, np.float32),
+          "best_ever_history": np.asarray(result.best_ever_history, np.float32)}
 
 
 def _plan(config, arch, structure, variables, fp, genes) -> dict:
@@ -211,6 +226,8 @@ def _plan(config, arch, structure, variables, fp, genes) -> dict:
   else:
     quant = bits_lib.assign_bits(structure, variables["params"], pruned.masks, max_bits,
                                  config.penalty)
+  if config.act_quant == "inner":
+    quant = bits_lib.inner_activation_quant(structure, quant)
   return {**_flat(pruned.masks, "masks"), **_flat(quant, "quant")}
 
 
@@ -292,6 +309,18 @@ def _compact_and_export(workdir, arch, model, variables, structure, quantizer, i
   }
 
 
+def load_test_split(data: str, train_meta: dict) -> pdata.ImageDataset | None:
+  """The data's ``test`` split (tfds, or an image folder's ``test/``), or ``None`` where
+  it has none (the embedded images, a folder with ``train/`` only)."""
+  augment = train_meta.get("augment", "cifar")
+  try:
+    return pdata.load_dataset(data, split="test", cache_dir=train_meta.get("cache_dir"),
+                              image_size=train_meta.get("image_size"),
+                              center_crop=pdata.EVAL_CENTER_CROP[augment])
+  except UserError:
+    return None
+
+
 def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) every stage and writes the report; returns the report record."""
   everything = frozenset(f.name for f in dataclasses.fields(config))
@@ -309,6 +338,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
                                image_size=train_meta.get("image_size"),
                                center_crop=pdata.EVAL_CENTER_CROP[augment_name])
   train_set, val = pdata.train_val_split(dataset, train_meta["val_size"], train_meta["seed"])
+  test = load_test_split(data, train_meta)
   num_classes = len(meta["class_names"])
   model = models.get_model(arch, num_classes=num_classes)
   structure = models.model_structure(model, spec.input_shape)
@@ -319,18 +349,25 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
   begin = lambda stage: _begin(config, workdir, stage)
 
+  def scores(net, net_vars) -> dict:
+    """Validation (and, where the data has one, test) accuracy and loss."""
+    out = {"val": evaluate_dataset(net, net_vars, val, config.batch_size, mean, std)}
+    if test is not None:
+      out["test"] = evaluate_dataset(net, net_vars, test, config.batch_size, mean, std)
+    return out
+
   begin("baseline")
   baseline = _load_or_run_json(workdir, "baseline", lambda: {
-      "val": evaluate_dataset(model, variables, val, config.batch_size, mean, std),
-      "cost": _cost_record(structure, variables["masks"], None)})
+      **scores(model, variables), "cost": _cost_record(structure, variables["masks"], None)})
   begin("filter_property")
+  rank_options = {"point": FP_POINTS[config.fp_point]} if config.criterion == "rank" else {}
   fp = _load_or_run_arrays(workdir, "filter_property", lambda: criteria.filter_property(
       config.criterion, model, variables, _fp_batches(train_set, config, mean, std),
-      structure))
+      structure, **rank_options))
   fp = {k: jnp.asarray(v) for k, v in fp.items()}
   begin("genes")
   genes = _load_or_run_arrays(workdir, "genes", lambda: _search_genes(
-      config, model, structure, variables, fp, train_set, val, mean, std, augment_name))
+      config, model, structure, variables, fp, train_set, mean, std, augment_name))
   begin("plan")
   plan = _load_or_run_arrays(workdir, "plan", lambda: _plan(
       config, arch, structure, variables, fp, genes))
@@ -339,8 +376,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   # keep DoReFa's per-kernel max|tanh W| equal to the compacted model's.
   pruned_vars = zero_pruned_weights({**variables, "masks": masks}, structure)
   pruned = _load_or_run_json(workdir, "pruned", lambda: {
-      "val": evaluate_dataset(model, pruned_vars, val, config.batch_size, mean, std),
-      "cost": _cost_record(structure, masks, quant)})
+      **scores(model, pruned_vars), "cost": _cost_record(structure, masks, quant)})
 
   begin("finetune")
   finetuned = pruned_vars
@@ -362,11 +398,13 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   results = {
       "arch": arch, "data": data, "checkpoint": os.path.abspath(config.checkpoint),
       "config": config.to_dict(), "baseline": baseline, "pruned": pruned,
-      "finetuned": {"val": evaluate_dataset(model, finetuned, val, config.batch_size, mean,
-                                            std)},
-      "final": {"val": evaluate_dataset(model_q, final, val, config.batch_size, mean, std)},
+      "finetuned": scores(model, finetuned),
+      "final": scores(model_q, final),
       "genes": {"a": genes["a"].tolist(), "b": genes["b"].tolist()},
       "best_loss_history": genes["best_loss_history"].tolist(),
+      "best_ever_history": genes.get("best_ever_history", np.zeros(0)).tolist(),
+      "search_split": 0 if not config.evolution else len(search_split(train_set, config)[1]),
+      "deviations": {k: [a, b] for k, (a, b) in config.deviations().items()},
       "deployed": deployed,
   }
   return report.write_report(workdir, results, structure, masks, quant, print_fn)

@@ -26,28 +26,100 @@ def layer_rows(structure: ModelStructure, masks, quant) -> list[dict[str, Any]]:
   return rows
 
 
-def _plot_layers(path: str, rows: list[dict]) -> None:
+def _title(results: dict) -> str:
+  """``run · target · BOPs · accuracy`` for a plot title."""
+  cfg, c = results.get("config", {}), results["cost"]
+  split = "test" if "test" in results["final"] else "val"
+  return (f"{os.path.basename(os.path.normpath(cfg.get('workdir', '')))} · {results['arch']} · "
+          f"keep {cfg.get('target', float('nan')):.0%} {cfg.get('metric', '')} · "
+          f"{c['bops'] / 1e9:.2f} GBOPs ({c['bops_ratio']:.1f}x less) · {split} accuracy "
+          f"{results['final'][split]['accuracy']:.4f}")
+
+
+def plot_layers(path: str, rows: list[dict], title: str = "") -> None:
+  """Kept channels, then bits, per layer. Bits have their own axis, 0-9: layers left
+  at 32 bits are drawn as grey bars labelled "fp" so they do not squash 2-8 bits."""
   names = [r["layer"] for r in rows]
   x = np.arange(len(rows))
-  fig = figure(figsize=(max(8, len(rows) * 0.18), 6))
-  top, bottom = fig.subplots(2, 1, sharex=True)
+  fig = figure(figsize=(max(8, len(rows) * 0.2), 7))
+  top, middle, bottom = fig.subplots(3, 1, sharex=True)
   top.bar(x, [r["out"] / r["out_full"] for r in rows], color="tab:blue")
-  top.set_ylabel("kept output channels")
+  top.set_ylabel("kept output\nchannels")
   top.set_ylim(0, 1.05)
-  bottom.bar(x, [r["w_bits"] for r in rows], color="tab:orange")
-  bottom.set_ylabel("bits (weights = activations)")
+  for ax, key, color in ((middle, "w_bits", "tab:orange"), (bottom, "a_bits", "tab:green")):
+    bits = np.array([r[key] for r in rows])
+    full = bits >= 32
+    ax.bar(x[~full], bits[~full], color=color)
+    ax.bar(x[full], np.full(full.sum(), 8.5), color="lightgrey")
+    for i in x[full]:
+      ax.text(i, 4, "fp", ha="center", va="center", fontsize=6, rotation=90)
+    ax.set_ylim(0, 9)
+    ax.set_yticks(range(0, 9, 2))
+    ax.set_ylabel({"w_bits": "weight bits", "a_bits": "input activation\nbits"}[key])
   bottom.set_xticks(x, names, rotation=90, fontsize=6)
+  if title:
+    top.set_title(title, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
-def _plot_evolution(path: str, history: list[float]) -> None:
+def plot_evolution(path: str, population_best: list[float], best_ever: list[float],
+                   chosen: int | None, title: str = "") -> None:
+  """Best loss in the population and best ever seen, per generation; ``chosen`` marks
+  the generation whose candidate the search returned."""
   fig = figure(figsize=(6, 3.5))
   ax = fig.subplots()
-  ax.plot(np.arange(len(history)), history, marker=".")
-  ax.set_xlabel("generation")
-  ax.set_ylabel("best validation loss in population")
-  ax.set_title("(a, b) search")
+  gens = np.arange(len(population_best))
+  ax.plot(gens, population_best, marker=".", lw=0.8, label="best in population")
+  if len(best_ever):
+    ax.step(gens, best_ever, where="post", color="k", label="best so far")
+  if chosen is not None:
+    ax.plot([chosen], [best_ever[chosen] if len(best_ever) else population_best[chosen]],
+            "r*", ms=12, label="returned candidate")
+  ax.set_xlabel("generation (0: initial population)")
+  ax.set_ylabel("search-split loss")
+  ax.set_title(title or "(a, b) search", fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def chosen_generation(results: dict) -> int | None:
+  """The generation whose member the search returned: where the best-ever loss was
+  first reached (``--returns best-ever``), else the last one."""
+  ever = results.get("best_ever_history") or []
+  if not results.get("best_loss_history"):
+    return None
+  if results.get("config", {}).get("returns", "best-ever") == "final" or not ever:
+    return len(results["best_loss_history"]) - 1
+  return int(np.argmin(np.asarray(ever)))
+
+
+def plot_accuracy_vs_bops(path: str, points: list[dict], baseline: dict | None = None,
+                          title: str = "") -> None:
+  """Accuracy against BOPs (log x) across runs, one series per ``label``.
+
+  Args:
+    points: ``{"label", "bops", "accuracy", "spread"}`` each (``spread``: half the
+      error bar, e.g. the std over seeds; 0 for one run).
+    baseline: ``{"bops", "accuracy"}`` of the uncompressed model, drawn as a star
+      and a dotted line.
+  """
+  fig = figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  for label in dict.fromkeys(p["label"] for p in points):
+    ps = [p for p in points if p["label"] == label]
+    ax.errorbar([p["bops"] for p in ps], [p["accuracy"] for p in ps],
+                yerr=[p.get("spread", 0.0) for p in ps], marker="o", capsize=3, ls="",
+                label=label)
+  if baseline:
+    ax.plot([baseline["bops"]], [baseline["accuracy"]], "k*", ms=12, label="baseline (32-bit)")
+    ax.axhline(baseline["accuracy"], color="k", ls=":", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_xlabel("BOPs (log scale)")
+  ax.set_ylabel("accuracy")
+  ax.set_title(title, fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -73,16 +145,28 @@ def _plot_curves(path: str, workdir: str) -> bool:
 
 
 def _markdown(results: dict, rows: list[dict]) -> str:
-  c, base = results["cost"], results["baseline"]["val"]["accuracy"]
-  acc = [("pretrained", results["baseline"]["val"]["accuracy"]),
-         ("pruned, before fine-tuning", results["pruned"]["val"]["accuracy"]),
-         ("pruned, fine-tuned", results["finetuned"]["val"]["accuracy"]),
-         ("pruned and quantized (final)", results["final"]["val"]["accuracy"])]
+  c = results["cost"]
+  split = "test" if "test" in results["final"] else "val"
+  stages = [("pretrained", "baseline"), ("pruned, before fine-tuning", "pruned"),
+            ("pruned, fine-tuned", "finetuned"), ("pruned and quantized (final)", "final")]
+  header = "| model | validation accuracy |" + (" test accuracy |" if split == "test" else "")
   lines = [f"# PIC-PQ compression of {results['arch']}", "",
            f"From `{results['checkpoint']}` on `{results['data']}`.", "",
-           "| model | validation accuracy |", "|---|---|"]
-  lines += [f"| {name} | {a:.4f} |" for name, a in acc]
-  lines += ["", f"Accuracy drop: {100 * (base - results['final']['val']['accuracy']):.2f} points.",
+           header, "|---|---|" + ("---|" if split == "test" else "")]
+  for name, key in stages:
+    cells = [results[key]["val"]["accuracy"]] + (
+        [results[key]["test"]["accuracy"]] if split == "test" else [])
+    lines.append(f"| {name} | " + " | ".join(f"{a:.4f}" for a in cells) + " |")
+  drop = results["baseline"][split]["accuracy"] - results["final"][split]["accuracy"]
+  lines += ["", f"Accuracy drop ({'test' if split == 'test' else 'validation'}): "
+            f"{100 * drop:.2f} points. Candidates were scored on a search split of "
+            f"{results.get('search_split', 0):,} training images; nothing was chosen on the "
+            f"validation{' or test' if split == 'test' else ''} split."]
+  dev = results.get("deviations", {})
+  lines += ["", "Deviations from the reference (fanxxxxyi/PIC-PQ): " + (
+      "; ".join(f"`--{k.replace('_', '-')}` {v[0]!r} (reference {v[1]!r})"
+                for k, v in dev.items()) + "." if dev else "none.")]
+  lines += ["",
             "", "| cost | original (32-bit) | compressed | ratio |", "|---|---|---|---|"]
   for k in ("flops", "params", "bops"):
     lines.append(f"| {k} | {c[k + '_full']:,.0f} | {c[k]:,.0f} | {c[k + '_ratio']:.2f}x |")
@@ -111,9 +195,11 @@ def write_report(workdir: str, results: dict, structure: ModelStructure, masks, 
   """Writes ``report.json``, ``report.md`` and the PNGs into ``workdir``; returns the record."""
   rows = layer_rows(structure, masks, quant)
   results = {**results, "cost": results["pruned"]["cost"], "layers": rows}
-  _plot_layers(os.path.join(workdir, "layers.png"), rows)
+  title = _title(results)
+  plot_layers(os.path.join(workdir, "layers.png"), rows, title)
   if results.get("best_loss_history"):
-    _plot_evolution(os.path.join(workdir, "evolution.png"), results["best_loss_history"])
+    plot_evolution(os.path.join(workdir, "evolution.png"), results["best_loss_history"],
+                   results.get("best_ever_history", []), chosen_generation(results), title)
   _plot_curves(os.path.join(workdir, "curves.png"), workdir)
   write_atomic(os.path.join(workdir, "report.json"), json.dumps(results, indent=2))
   text = _markdown(results, rows)

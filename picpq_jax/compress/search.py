@@ -30,6 +30,10 @@ from picpq_jax.utils import is_primary, read_json, write_json
 Array = jax.Array
 
 
+SAMPLINGS = ("replace", "distinct")
+RETURNS = ("best-ever", "final")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   """Settings of the evolution (reference values as defaults, DESIGN 4)."""
@@ -43,6 +47,9 @@ class SearchConfig:
   search_batch_size: int = option(128, "batch size of the fitness fine-tuning and validation")
   search_val_size: int = option(1000, "validation images that score a candidate")
   strategy: str = option("map", "candidates in one program: map, unroll or vmap")
+  identity_seed: bool = option(True, "member 0 of the initial population is a=1, b=0 (the reference)")
+  sampling: str = option("replace", "tournament members and mutated layers drawn with replacement (replace, the reference) or distinct (distinct)")
+  returns: str = option("best-ever", "genes returned: best-ever (the fittest ever evaluated, the reference) or final (the fittest of the final population)")
 
   def __post_init__(self):
     checks = [
@@ -53,6 +60,8 @@ class SearchConfig:
         (self.search_batch_size >= 1, "search_batch_size", "an integer >= 1"),
         (self.search_val_size >= 1, "search_val_size", "an integer >= 1"),
         (self.strategy in evolution.STRATEGIES, "strategy", " or ".join(evolution.STRATEGIES)),
+        (self.sampling in SAMPLINGS, "sampling", " or ".join(SAMPLINGS)),
+        (self.returns in RETURNS, "returns", " or ".join(RETURNS)),
     ]
     for ok, field, allowed in checks:
       check(ok, field, getattr(self, field), allowed)
@@ -81,8 +90,9 @@ class SearchResult:
   a: np.ndarray  # float32 [L], best genes
   b: np.ndarray  # float32 [L]
   loss: float  # its validation loss after tau_hat steps
-  best_loss_history: tuple[float, ...]  # best loss after generation 0 (initial), 1, ...
+  best_loss_history: tuple[float, ...]  # best loss in the population after generation 0 (initial), 1, ...
   generations: int
+  best_ever_history: tuple[float, ...] = ()  # best loss evaluated up to generation 0, 1, ...
 
 
 def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Mapping[str, Any],
@@ -118,20 +128,20 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
   def step(population, data, index):
     if index == 0:  # score the initial population, `children` at a time
       a, b = evolution.initial_population(jax.random.fold_in(key, 0), fp, spec.structure,
-                                          config.population)
+                                          config.population, identity=config.identity_seed)
       k = config.children
       loss = jnp.concatenate([
           evaluate(variables, fp, data, jax.random.fold_in(key, 1), a[i:i + k], b[i:i + k])
           for i in range(0, config.population, k)])
-      population = evolution.Population(
-          a=a, b=b, loss=loss, born=jnp.zeros(config.population, jnp.int32),
-          generation=jnp.int32(0))
+      population = evolution.start_population(a, b, loss)
     else:
       population = evolution.evolve(
           population, jax.random.fold_in(key, 1000 + index - 1), variables, fp, data,
           evaluate=evaluate, fp_std=fp_std, sample=config.sample, children=config.children,
-          generations=config.generations, mutation_rate=config.mutation_rate)
-    return population, {"best_loss": float(jnp.min(population.loss))}
+          generations=config.generations, mutation_rate=config.mutation_rate,
+          replace=config.sampling == "replace")
+    return population, {"best_loss": float(jnp.min(population.loss)),
+                        "best_ever_loss": float(population.best_loss)}
 
   template = _template(spec, config)
   task = engine.Task(
@@ -141,10 +151,11 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
       step=step, label="evolution", unit="gen")
   outcome = engine.run_task(task, workdir, progress=progress,
                             stop_at=None if stop_after is None else stop_after + 1)
-  a, b, loss = evolution.best(outcome.state)
+  a, b, loss = evolution.best(outcome.state, ever=config.returns == "best-ever")
   return SearchResult(np.asarray(a), np.asarray(b), float(loss),
                       tuple(r["best_loss"] for r in outcome.records),
-                      int(outcome.state.generation))
+                      int(outcome.state.generation),
+                      tuple(r.get("best_ever_loss", r["best_loss"]) for r in outcome.records))
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,4 +172,5 @@ def _template(spec, config: SearchConfig) -> evolution.Population:
   return evolution.Population(
       a=jnp.zeros((p, num_layers), jnp.float32), b=jnp.zeros((p, num_layers), jnp.float32),
       loss=jnp.zeros((p,), jnp.float32), born=jnp.zeros((p,), jnp.int32),
-      generation=jnp.int32(0))
+      generation=jnp.int32(0), best_a=jnp.zeros((num_layers,), jnp.float32),
+      best_b=jnp.zeros((num_layers,), jnp.float32), best_loss=jnp.float32(0))

@@ -6,8 +6,9 @@ A model can be read from (:func:`load_predictor`):
 * ``*.stablehlo``: a ``jax.export`` artifact (:mod:`picpq_jax.deploy.stablehlo`);
 * ``*.npz``: a packed ``picpq compress`` export (``model.npz``), with the
   normalization of the training run that ``config.json`` beside it names;
-* a ``picpq compress`` workdir (its ``model.npz``) or a ``picpq train`` workdir
-  (its newest checkpoint; the float model).
+* a ``picpq compress`` workdir (its ``model.npz``), one of its trained stages
+  (``finetune/``: the masked float model; ``qat/``: the masked model with the run's
+  quantizer and bit-widths), or a ``picpq train`` workdir (its newest checkpoint).
 
 Each is a function ``images uint8 [N, H, W, C] -> logits float32 [N, K]``, so
 :func:`evaluate` treats them alike.
@@ -67,6 +68,21 @@ def _compress_normalization(workdir: str) -> tuple[np.ndarray, np.ndarray]:
                   "the packed model's normalization is read from it")
 
 
+def _stage_quantizer(path: str):
+  """The quantizer a run in ``path`` was trained with: the compress run's for its
+  ``qat/`` stage, else full precision."""
+  from picpq_jax.compress.quantizers import make_quantizer  # pylint: disable=import-outside-toplevel
+  from picpq_jax.models.quantizer import FullPrecision  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(path)
+  if path.endswith(os.sep + "checkpoints"):
+    path = os.path.dirname(path)
+  config = os.path.join(os.path.dirname(path), "config.json")
+  if os.path.basename(path) != "qat" or not os.path.isfile(config):
+    return FullPrecision()
+  with open(config, encoding="utf-8") as f:
+    return make_quantizer(json.load(f).get("quantizer", "dorefa"))
+
+
 def load_source(path: str | os.PathLike) -> Source:
   """The model of a ``picpq train`` workdir, a ``picpq compress`` workdir or its
   ``model.npz`` (see the module doc)."""
@@ -87,7 +103,8 @@ def load_source(path: str | os.PathLike) -> Source:
                     "or the workdir of a `picpq train` or `picpq compress` run")
   variables, meta, _ = load_trained(path)
   arch = meta["config"]["arch"]
-  model = models.get_model(arch, num_classes=len(meta["class_names"]))
+  model = models.get_model(arch, num_classes=len(meta["class_names"]),
+                           quantizer=_stage_quantizer(path))
   norm = meta["normalization"]
   spec = models.get_spec(arch)
   image_size = meta["config"].get("image_size")

@@ -86,10 +86,10 @@ def test_map_unroll_and_vmap_strategies_agree(setup):
 
 def test_evolve_replaces_the_oldest_with_a_mutated_tournament_winner():
   fp_std = jnp.ones(3)
-  population = evolution.Population(
-      a=jnp.arange(12, dtype=jnp.float32).reshape(4, 3) + 1, b=jnp.zeros((4, 3)),
-      loss=jnp.asarray([0.5, 0.1, 0.9, 0.7]), born=jnp.asarray([2, 1, 0, 3], jnp.int32),
-      generation=jnp.int32(5))
+  population = evolution.start_population(
+      jnp.arange(12, dtype=jnp.float32).reshape(4, 3) + 1, jnp.zeros((4, 3)),
+      jnp.asarray([0.5, 0.1, 0.9, 0.7]))._replace(
+          born=jnp.asarray([2, 1, 0, 3], jnp.int32), generation=jnp.int32(5))
   seen = {}
 
   def evaluate(variables, fp, data, key, a, b):
@@ -97,7 +97,8 @@ def test_evolve_replaces_the_oldest_with_a_mutated_tournament_winner():
     return jnp.full((a.shape[0],), 0.05)
 
   new = evolution.evolve(population, jax.random.key(0), None, None, None, evaluate=evaluate,
-                         fp_std=fp_std, sample=4, children=2, generations=10, mutation_rate=0.34)
+                         fp_std=fp_std, sample=4, children=2, generations=10, mutation_rate=0.34,
+                         replace=False)
   # The two oldest (born 0 and 1: members 2 and 1) die; children inherit from the fittest.
   np.testing.assert_array_equal(np.asarray(new.born), [2, 6, 6, 3])
   np.testing.assert_allclose(np.asarray(new.loss), [0.5, 0.05, 0.05, 0.7])
@@ -181,3 +182,48 @@ def test_population_sharded_over_four_devices_matches_one():
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip() == "OK 4"
+
+
+def test_identity_member_is_in_generation_zero(setup):
+  _, structure, _, fp, _, _, _ = setup
+  a, b = evolution.initial_population(jax.random.key(0), fp, structure, 5)
+  np.testing.assert_array_equal(np.asarray(a[0]), 1.0)
+  np.testing.assert_array_equal(np.asarray(b[0]), 0.0)
+  assert np.all(np.asarray(a[1:]) != 1.0)  # the others are drawn
+  a, _ = evolution.initial_population(jax.random.key(0), fp, structure, 5, identity=False)
+  assert np.all(np.asarray(a) != 1.0)
+
+
+def test_best_ever_search_returns_the_best_genes_seen():
+  """A hand-made fitness: the loss of genes a is |a_0 - 3|. The first generation's
+  child is the best ever; aging kills it after two more generations, and later
+  children (pushed away from 3 by hand) are worse."""
+  fitness = lambda a: jnp.abs(a[:, 0] - 3.0)
+  a0 = jnp.asarray([[1.0, 1.0], [5.0, 1.0]])
+  population = evolution.start_population(a0, jnp.zeros((2, 2)), fitness(a0))
+  proposals = [jnp.asarray([[3.1, 1.0]]), jnp.asarray([[6.0, 1.0]]), jnp.asarray([[7.0, 1.0]])]
+  seen = []
+  for g, child in enumerate(proposals):
+    seen.append((float(fitness(child)[0]), np.asarray(child[0])))
+    population = evolution.replace_oldest(population, child, jnp.zeros((1, 2)),
+                                          fitness(child))
+  best_loss, best_a = min(seen + [(2.0, np.asarray(a0[0]))], key=lambda t: t[0])
+  a, b, loss = evolution.best(population, ever=True)
+  np.testing.assert_allclose(np.asarray(a), best_a)
+  np.testing.assert_allclose(float(loss), best_loss, rtol=1e-6)
+  assert 3.1 not in np.asarray(population.a)[:, 0]  # aged out of the final population
+  a_final, _, loss_final = evolution.best(population, ever=False)
+  assert float(loss_final) > float(loss)  # the old behaviour returned a worse member
+  np.testing.assert_allclose(np.asarray(a_final), [6.0, 1.0])
+
+
+def test_mutation_with_replacement_sums_repeated_draws():
+  """Three draws over two layers: with replacement some layer is drawn twice, and its
+  noise is one N(0, sqrt(2) step); without, at most every layer once."""
+  a, b, std = jnp.ones(2), jnp.zeros(2), jnp.ones(2)
+  keys = jax.random.split(jax.random.key(0), 4000)
+  out = jax.vmap(lambda k: pic.mutate(k, a, b, std, 1.0, rate=1.0, replace=True))(keys)
+  # rate 1 -> 2 draws over 2 layers: a layer gets 0, 1 or 2 draws (1/4, 1/2, 1/4).
+  var = float(np.var(np.asarray(out.b)[:, 0]))
+  np.testing.assert_allclose(var, 0.25 * 0 + 0.5 * 1 + 0.25 * 2, rtol=0.1)
+  assert np.mean(np.asarray(out.b)[:, 0] == 0.0) == pytest.approx(0.25, abs=0.03)

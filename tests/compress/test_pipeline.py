@@ -22,15 +22,17 @@ from tests.engine.harness import interrupt_after_first_checkpoint, tree_files
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A resnet8 trained for one epoch on 96 small real-format images (3 classes)."""
+  """A resnet8 trained for one epoch on 96 small real-format images (3 classes); the
+  folder also has a 30-image test split."""
   root = tmp_path_factory.mktemp("tinydata")
   rng = np.random.default_rng(0)
-  for c in range(3):
-    os.makedirs(root / "train" / f"class{c}")
-    for i in range(40):
-      pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-      pixels[..., c] = 250
-      Image.fromarray(pixels).save(root / "train" / f"class{c}" / f"{i:03d}.png")
+  for split, count in (("train", 40), ("test", 10)):
+    for c in range(3):
+      os.makedirs(root / split / f"class{c}")
+      for i in range(count):
+        pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        pixels[..., c] = 250
+        Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i:03d}.png")
   workdir = tmp_path_factory.mktemp("train") / "run"
   cache = str(tmp_path_factory.mktemp("cache"))
   train_and_evaluate(TrainConfig(arch="resnet8", data=str(root), workdir=str(workdir),
@@ -96,6 +98,30 @@ def _argv(trained, workdir, *extra):
           "--sample", "1", "--generations", "1", "--tau-hat", "1", "--search-val-size", "16",
           "--ft-epochs", "1", "--qat-epochs", "1", "--fp-batches", "1", "--fp-batch-size", "16",
           "--batch-size", "16", "--target", "0.5", "--no-progress", *extra]
+
+
+def test_report_gives_test_accuracy_and_picpq_eval_reproduces_each_stage(trained, full_run):
+  """The final number comes from the test split nothing was chosen on; `picpq eval
+  --split test` on the qat stage, the finetune stage and the packed file agrees."""
+  from picpq_jax.deploy.command import EvalConfig, run_eval
+  work, report = full_run
+  data = load_trained(trained).meta["config"]["data"]
+  for stage in ("baseline", "pruned", "finetuned", "final"):
+    assert 0.0 <= report[stage]["test"]["accuracy"] <= 1.0
+  ev = lambda source: run_eval(EvalConfig(source=str(source), data=data, split="test"),
+                               print_fn=lambda s: None)
+  qat = ev(work / "qat")
+  assert qat["count"] == 30
+  np.testing.assert_allclose(qat["accuracy"], report["final"]["test"]["accuracy"])
+  np.testing.assert_allclose(qat["loss"], report["final"]["test"]["loss"], rtol=1e-4)
+  finetune = ev(work / "finetune")
+  np.testing.assert_allclose(finetune["loss"], report["finetuned"]["test"]["loss"], rtol=1e-4)
+  packed = ev(work / "model.npz")  # compacted: the same predictions but for rounding ties
+  assert abs(packed["accuracy"] - qat["accuracy"]) <= 1 / 30 + 1e-9
+  assert set(qat["per_class"]) == {"class0", "class1", "class2"}
+  text = (work / "report.md").read_text()
+  assert "test accuracy" in text and "search split of" in text
+  assert "Deviations from the reference" in text
 
 
 def test_sigterm_sigkill_resume_equals_the_uninterrupted_run(trained, full_run, tmp_path):

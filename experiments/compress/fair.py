@@ -1,0 +1,145 @@
+"""A fair CPU-scale comparison of filter properties, with and without learned (a, b).
+
+Every row starts from the committed ResNet-20 baseline and gets the same treatment:
+the same budget, the same (tiny) search, the same fine-tuning, the reference
+numerics (DoReFa, activations quantized at each block's inner map) unless the row
+says otherwise. The data (:mod:`experiments.compress.fair_data`) is 8,000 of the
+baseline's training images, from which the pipeline carves its validation (5,000)
+and search (600) splits, and a ``test/`` split: the 5,000 images the baseline held
+out. Candidates are scored on the search split; nothing is chosen on validation or
+test; the test accuracy is the reported number.
+
+    .venv/bin/python -m experiments.compress.fair --rows t45-rank-conv-unit,...
+    .venv/bin/python -m experiments.compress.fair --summarize
+
+Each finished row writes ``results/fair/<row>.json`` (its numbers, command, wall
+time and load); ``--summarize`` writes ``results/fair/fair.md`` (mean and spread
+over seeds) and ``results/fair/accuracy_vs_bops.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from picpq_jax.compress import CompressConfig, run_compress
+from picpq_jax.compress.report import plot_accuracy_vs_bops
+
+ROOT = Path(__file__).resolve().parents[2]
+BASELINE = ROOT / "experiments" / "baselines" / "checkpoints" / "resnet20"
+DATA = ROOT / "runs" / "compress" / "fair-data.zip"  # made by experiments.compress.fair_data
+OUT = Path(__file__).resolve().parent / "results" / "fair"
+
+# Equal treatment for every row (sized for a shared 2-core CPU).
+COMMON = dict(population=8, sample=4, generations=4, children=1, tau_hat=10,
+              search_val_size=1000, ft_epochs=1, qat_epochs=2, strategy="unroll",
+              fp_batches=6, fp_batch_size=128)
+METHODS = {  # name -> (label, options)
+    "rank-conv": ("rank @ conv (reference FP)", dict(criterion="rank", fp_point="conv")),
+    "rank-relu": ("rank @ post-ReLU (HRank)", dict(criterion="rank", fp_point="relu")),
+    "l1": ("L1 norm", dict(criterion="l1")),
+}
+TARGETS = {"t45": 0.45, "t65": 0.65}  # fraction of FLOPs kept: the paper's 55% removed, milder
+
+
+def row_options(row: str) -> tuple[str, dict]:
+  """``t45-rank-conv-evo[-every][-s1]`` -> (label, CompressConfig options)."""
+  parts = row.split("-")
+  target = TARGETS[parts[0]]
+  seed = int(parts[-1][1:]) if parts[-1].startswith("s") and parts[-1][1:].isdigit() else 0
+  rest = "-".join(p for p in parts[1:] if not (p.startswith("s") and p[1:].isdigit()))
+  act = "every-conv" if rest.endswith("-every") else "inner"
+  rest = rest.removesuffix("-every")
+  if rest == "uniform":
+    label, opts = "uniform pruning, 4-bit", dict(allocation="uniform", uniform_bits=4,
+                                                  evolution=False, criterion="l1")
+  else:
+    method, genes = rest.rsplit("-", 1)
+    label, opts = METHODS[method]
+    label += ", learned (a, b)" if genes == "evo" else ", a=1 b=0"
+    opts = {**opts, "evolution": genes == "evo"}
+  if act != "inner":
+    label += ", every-conv act. quant."
+  return label, {**COMMON, **opts, "target": target, "seed": seed, "act_quant": act}
+
+
+def run_row(row: str) -> dict:
+  label, opts = row_options(row)
+  config = CompressConfig(checkpoint=str(BASELINE), data=str(DATA),
+                          workdir=f"runs/compress/fair/{row}", resume=True, progress=False,
+                          **opts)
+  start, load = time.time(), os.getloadavg()
+  report = run_compress(config, print_fn=lambda s: None)
+  record = {
+      "row": row, "label": label, "target": opts["target"], "seed": opts["seed"],
+      "command": f".venv/bin/python -m experiments.compress.fair --rows {row}",
+      "wall_s": round(time.time() - start, 1), "load_at_start": load[0],
+      "load_at_end": os.getloadavg()[0],
+      "baseline_val_accuracy": report["baseline"]["val"]["accuracy"],
+      "pruned_val_accuracy": report["pruned"]["val"]["accuracy"],
+      "baseline_test_accuracy": report["baseline"]["test"]["accuracy"],
+      "pruned_test_accuracy": report["pruned"]["test"]["accuracy"],
+      "final_val_accuracy": report["final"]["val"]["accuracy"],
+      "final_test_accuracy": report["final"]["test"]["accuracy"],
+      "final_test_loss": report["final"]["test"]["loss"],
+      "flops_ratio": report["cost"]["flops_ratio"], "bops": report["cost"]["bops"],
+      "bops_full": report["cost"]["bops_full"], "bops_ratio": report["cost"]["bops_ratio"],
+      "search_best_loss": (min(report["best_ever_history"])
+                           if report.get("best_ever_history") else None),
+      "deviations": report["deviations"]}
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / f"{row}.json").write_text(json.dumps(record, indent=2))
+  return record
+
+
+def summarize() -> str:
+  records = [json.loads(p.read_text()) for p in sorted(OUT.glob("t*.json"))]
+  groups: dict[tuple, list] = {}
+  for r in records:
+    groups.setdefault((r["target"], r["label"]), []).append(r)
+  lines = ["| FLOPs kept | method | seeds | BOPs | BOPs ratio | pruned, before fine-tuning "
+           "(test) | final test accuracy (mean ± std) | wall (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+  points = []
+  for (target, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    acc = np.array([r["final_test_accuracy"] for r in rs])
+    bops = float(np.mean([r["bops"] for r in rs]))
+    spread = float(acc.std(ddof=1)) if len(rs) > 1 else 0.0
+    lines.append(f"| {target:.0%} | {label} | {len(rs)} | {bops / 1e9:.3f} G | "
+                 f"{np.mean([r['bops_ratio'] for r in rs]):.1f}x | "
+                 f"{np.mean([r['pruned_test_accuracy'] for r in rs]):.4f} | "
+                 f"{acc.mean():.4f}{f' ± {spread:.4f}' if len(rs) > 1 else ' (1 seed)'} | "
+                 f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
+    points.append({"label": label, "bops": bops, "accuracy": float(acc.mean()),
+                   "spread": spread})
+  if records:
+    base = records[0]
+    plot_accuracy_vs_bops(str(OUT / "accuracy_vs_bops.png"), points,
+                          {"bops": base["bops_full"], "accuracy": base["baseline_test_accuracy"]},
+                          "ResNet-20 CIFAR-10, accuracy on the baseline's 5,000 held-out images "
+                          "(error bar: std over seeds)")
+  text = "\n".join(lines) + "\n"
+  (OUT / "fair.md").write_text(text)
+  return text
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rows", default="", help="comma-separated rows, e.g. t45-l1-unit")
+  parser.add_argument("--summarize", action="store_true")
+  args = parser.parse_args(argv)
+  for row in filter(None, args.rows.split(",")):
+    print(json.dumps(run_row(row)), flush=True)
+  if args.summarize:
+    print(summarize())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
