@@ -2,12 +2,9 @@
 
 from pathlib import Path
 
-import pytest
-
 from picpq_jax.finetune.config import FinetuneConfig
 from picpq_jax.finetune.text import sst2_paths, tinyshakespeare_path
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared/data"
+from tests.conftest import SHARED_DATA, require
 
 
 def _rows(path: Path) -> tuple[str, list[tuple[str, str]]]:
@@ -29,11 +26,11 @@ def test_default_data_is_the_embedded_sample():
   assert len(text) == 100_000 and text.startswith("First Citizen:")
 
 
-@pytest.mark.skipif(not (SHARED / "sst2").is_dir(), reason="needs ../shared/data/sst2")
 def test_sample_lines_are_lines_of_the_full_files():
+  shared = require(SHARED_DATA)
   paths = sst2_paths("embedded")
   for name in ("train.tsv", "dev.tsv"):
-    full = set(_rows(SHARED / "sst2" / name)[1])
+    full = set(_rows(shared / "sst2" / name)[1])
     assert set(_rows(getattr(paths, name[:-4]))[1]) <= full
-  shakespeare = (SHARED / "text/tinyshakespeare.txt").read_text(encoding="utf-8")
+  shakespeare = (require(shared / "text/tinyshakespeare.txt")).read_text(encoding="utf-8")
   assert shakespeare.startswith(tinyshakespeare_path("embedded").read_text(encoding="utf-8"))
