@@ -50,7 +50,7 @@ REFERENCE = {
 class CompressConfig:
   """Options of the PIC-PQ pipeline; ``metadata["help"]`` of each field is its ``--help``."""
 
-  checkpoint: str = option("", "workdir (or checkpoints folder) of the `picpq train` run to compress", flags=("--from",))
+  checkpoint: str = option("embedded", "workdir (or checkpoints folder) of the `picpq train` run to compress; 'embedded': the pretrained CIFAR-10 ResNet-20 that ships in the package", flags=("--from",))
   workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go", may_change=True)
   data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
   target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")

@@ -36,7 +36,7 @@ import numpy as np
 
 from picpq_jax import data as pdata
 from picpq_jax import engine
-from picpq_jax import models
+from picpq_jax import models, pretrained
 from picpq_jax.compress import bits as bits_lib
 from picpq_jax.compress import cost_model as cost_lib
 from picpq_jax.compress import criteria, evolution, pic, quantizers, report, search
@@ -44,6 +44,7 @@ from picpq_jax.compress.compact import compact, zero_pruned_weights
 from picpq_jax.compress.export import export, load_exported
 from picpq_jax.compress.config import (FP_POINTS, STAGE_FIELDS, STAGES, CompressConfig,
                                        parse_max_bits)
+from picpq_jax.compress.summary import before_after_table
 from picpq_jax.compress.prune import prune_to_budget, prune_uniform
 from picpq_jax.errors import UserError
 from picpq_jax.train import TrainConfig, optim
@@ -395,8 +396,11 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
                                      f"saved in {workdir}: rerun with --resume to continue")
   deployed = _compact_and_export(workdir, arch, model_q, final, structure, quantizer,
                                  val.images[:CHECK_IMAGES], mean, std)
+  # the pretrained model's weights and BN statistics, 4 bytes each
+  deployed["baseline_float32_bytes"] = 4 * models.param_count(
+      {k: variables[k] for k in ("params", "batch_stats")})
   results = {
-      "arch": arch, "data": data, "checkpoint": os.path.abspath(config.checkpoint),
+      "arch": arch, "data": data, "checkpoint": os.path.abspath(pretrained.resolve(config.checkpoint)),
       "config": config.to_dict(), "baseline": baseline, "pruned": pruned,
       "finetuned": scores(model, finetuned),
       "final": scores(model_q, final),
@@ -407,4 +411,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
       "deviations": {k: [a, b] for k, (a, b) in config.deviations().items()},
       "deployed": deployed,
   }
-  return report.write_report(workdir, results, structure, masks, quant, print_fn)
+  record = report.write_report(workdir, results, structure, masks, quant, print_fn)
+  print_fn(f"\nBefore and after (report: {os.path.join(workdir, 'report.md')}):\n")
+  print_fn(before_after_table(record))
+  return record

@@ -3,8 +3,10 @@
 Examples::
 
   picpq export --from runs/compress --out runs/compress/deploy   # model.onnx, model.stablehlo
-  picpq eval --from runs/compress/deploy/model.onnx --data ../shared/data/cifar10/train.zip \\
-      --split train --val-size 5000
+  picpq eval --from runs/compress/deploy/model.onnx --val-size 500   # the embedded images
+
+After ``picpq compress`` (by default on the pretrained ResNet-20 that ships in the
+package, into runs/compress); ``--val-size 500`` is that run's validation split.
 """
 
 from __future__ import annotations

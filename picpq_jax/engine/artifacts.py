@@ -18,6 +18,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from picpq_jax import pretrained
 from picpq_jax.engine.checkpoints import Checkpoints
 from picpq_jax.errors import UserError
 from picpq_jax.utils import read_json
@@ -61,11 +62,12 @@ def load_trained(path: str | os.PathLike, flag: str = "--from",
   """The newest intact checkpoint of a training run.
 
   Args:
-    path: the run's workdir (holding ``checkpoints/``) or its checkpoints folder.
+    path: the run's workdir (holding ``checkpoints/``) or its checkpoints folder;
+      ``"embedded"`` is the pretrained CIFAR-10 ResNet-20 that ships in the package.
     flag: the option that named ``path``, for error messages.
     print_fn: where a damaged checkpoint is named.
   """
-  path = os.path.abspath(path)
+  path = os.path.abspath(pretrained.resolve(os.fspath(path)))
   directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
     directory = path

@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
   Example::
 
-    picpq finetune --method lora --data ../shared/data/sst2 --k 16 --epochs 10 \\
-        --rank 8 --targets 'query|value' --workdir runs/lora
+    picpq finetune --method lora --k 16 --epochs 10 --rank 8 --targets 'query|value' \\
+        --workdir runs/lora   # the SST-2 sample in the package; --data ../shared/data for all of it
   """
   parser = subparsers.add_parser(
       "finetune", help="memory-efficient fine-tuning of MiniLM on SST-2 (full, LoRA, BitFit, "

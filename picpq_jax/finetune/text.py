@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from picpq_jax.data.embedded import embedded_text_dir
 from picpq_jax.data.pipeline import batch_indices, steps_per_epoch
 from picpq_jax.errors import UserError
 
@@ -103,6 +104,11 @@ def load_tsv(path: str | os.PathLike) -> TextDataset:
   return TextDataset(tuple(sentences), np.asarray(labels, np.int32), str(path))
 
 
+def _resolve(data: str | os.PathLike) -> Path:
+  """``"embedded"`` -> the bundled text folder; any other path as a Path."""
+  return embedded_text_dir() if str(data) == "embedded" else Path(data).expanduser()
+
+
 class SST2Paths(NamedTuple):
   """The two SST-2 files."""
   train: Path
@@ -114,12 +120,12 @@ def sst2_paths(data: str | os.PathLike) -> SST2Paths:
 
   Args:
     data: the ``sst2`` folder itself, or a folder holding ``sst2/`` (such as
-      ``../shared/data``).
+      ``../shared/data``); ``"embedded"``: the sample that ships in the package.
 
   Raises:
     UserError: neither layout holds both files.
   """
-  data = Path(data).expanduser()
+  data = _resolve(data)
   for folder in (data, data / "sst2"):
     paths = SST2Paths(folder / "train.tsv", folder / "dev.tsv")
     if paths.train.is_file() and paths.dev.is_file():
@@ -297,8 +303,9 @@ def load_text(path: str | os.PathLike) -> str:
 
 
 def tinyshakespeare_path(data: str | os.PathLike) -> Path:
-  """``tinyshakespeare.txt`` in ``data``, ``data/text`` (e.g. ``../shared/data``), or ``data`` itself."""
-  data = Path(data).expanduser()
+  """``tinyshakespeare.txt`` in ``data``, ``data/text`` (e.g. ``../shared/data``), or ``data`` itself;
+  ``"embedded"``: the first 100,000 characters that ship in the package."""
+  data = _resolve(data)
   for path in (data, data / "tinyshakespeare.txt", data / "text" / "tinyshakespeare.txt"):
     if path.is_file():
       return path
