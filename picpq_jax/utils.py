@@ -125,6 +125,41 @@ def figure(**kwargs) -> Any:
   return Figure(**kwargs)
 
 
+def plot_rounds_and_bytes(curves: Mapping[str, tuple[list[dict], str]], path: str, key: str,
+                          ylabel: str, short: str, bytes_label: str = "cumulative",
+                          title: str | None = None) -> None:
+  """Two panels saved to ``path``: ``key`` against the round and against cumulative MB.
+
+  Args:
+    curves: ``{legend label: (points, line style)}``; a point is a dict with
+      ``"round"``, ``"cumulative_bytes"`` and ``key`` (points where it is ``None``
+      are left out, a curve with none is skipped).
+    ylabel: the y axis of both panels; ``short``: the metric's name in the titles.
+    bytes_label: what the MB axis counts (``"MB communicated ({bytes_label}, log)"``).
+    title: an optional figure title.
+  """
+  fig = figure(figsize=(11, 4.2))
+  ax_r, ax_b = fig.subplots(1, 2)
+  for label, (points, style) in curves.items():
+    pts = [p for p in points if p[key] is not None]
+    if not pts:
+      continue
+    values = [p[key] for p in pts]
+    ax_r.plot([p["round"] for p in pts], values, style, marker="o", ms=3, label=label)
+    ax_b.plot([max(p["cumulative_bytes"], 1) / 1e6 for p in pts], values, style, marker="o",
+              ms=3, label=label)
+  ax_r.set(xlabel="round", ylabel=ylabel, title=f"{short} per round")
+  ax_b.set(xlabel=f"MB communicated ({bytes_label}, log)", ylabel=ylabel,
+           title=f"{short} vs communication", xscale="log")
+  for ax in (ax_r, ax_b):
+    ax.grid(alpha=0.3)
+  ax_r.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 # ----------------------------------------------------------------------------- hosts
 
 def distributed_env(environ: Mapping[str, str]) -> dict | None:

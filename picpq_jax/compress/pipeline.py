@@ -181,8 +181,12 @@ def search_split(train: pdata.ImageDataset, config: CompressConfig
   carved from the training data (never the validation or test split), as the
   reference holds out 5,000 training images: ``min(search_val_size, N // 5)``
   images drawn with ``config.seed``; the candidates' fine-tuning steps use the rest."""
-  return pdata.train_val_split(train, min(config.search_val_size, len(train) // 5),
-                               config.seed)
+  return pdata.train_val_split(train, search_split_size(len(train), config), config.seed)
+
+
+def search_split_size(num_train: int, config: CompressConfig) -> int:
+  """How many of ``num_train`` training images :func:`search_split` holds out."""
+  return min(config.search_val_size, num_train // 5)
 
 
 def _search_genes(config, model, structure, variables, fp, train, mean, std,
@@ -407,7 +411,7 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
       "genes": {"a": genes["a"].tolist(), "b": genes["b"].tolist()},
       "best_loss_history": genes["best_loss_history"].tolist(),
       "best_ever_history": genes.get("best_ever_history", np.zeros(0)).tolist(),
-      "search_split": 0 if not config.evolution else len(search_split(train_set, config)[1]),
+      "search_split": search_split_size(len(train_set), config) if config.evolution else 0,
       "deviations": {k: [a, b] for k, (a, b) in config.deviations().items()},
       "deployed": deployed,
   }

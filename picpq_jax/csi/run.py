@@ -33,7 +33,7 @@ from picpq_jax.csi.models import codeword_size, decoder_stages, get_csi_model, i
 from picpq_jax.errors import UserError
 from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.partition import client_batch_indices
-from picpq_jax.utils import figure, format_table, is_primary, write_atomic
+from picpq_jax.utils import format_table, is_primary, plot_rounds_and_bytes, write_atomic
 
 ADAM = optax.adam(1.0)  # the learning rate scales each update (see federated.steps)
 LABELS = {"centralized": "Centralized", "fedavg": "FedAvg (whole autoencoder)",
@@ -199,22 +199,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
   """``plot.png``: test NMSE against rounds and against cumulative bytes."""
-  fig = figure(figsize=(11, 4.2))
-  ax_r, ax_b = fig.subplots(1, 2)
-  for s in results["runs"].values():
-    pts = [p for p in s["curve"] if p["nmse_db"] is not None]
-    ax_r.plot([p["round"] for p in pts], [p["nmse_db"] for p in pts], marker="o", ms=3,
-              label=s["label"])
-    ax_b.plot([max(p["cumulative_bytes"], 1) / 1e6 for p in pts], [p["nmse_db"] for p in pts],
-              marker="o", ms=3, label=s["label"])
-  ax_r.set(xlabel="round", ylabel="test NMSE (dB)", title="NMSE per round")
-  ax_b.set(xlabel="MB communicated (all UEs, cumulative, log)", ylabel="test NMSE (dB)",
-           title="NMSE vs communication", xscale="log")
-  for ax in (ax_r, ax_b):
-    ax.grid(alpha=0.3)
-  ax_r.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  curves = {s["label"]: (s["curve"], "-") for s in results["runs"].values()}
+  plot_rounds_and_bytes(curves, path, "nmse_db", "test NMSE (dB)", "NMSE",
+                        bytes_label="all UEs, cumulative")
 
 
 def run_csi(config: CsiConfig, *, stop_after_round: int | None = None,

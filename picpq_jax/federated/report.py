@@ -8,7 +8,7 @@ from picpq_jax import models
 from picpq_jax.federated.comm import message_bytes
 from picpq_jax.federated.config import SPLIT_METHODS, FederatedConfig
 from picpq_jax.federated.split import valid_cuts
-from picpq_jax.utils import figure
+from picpq_jax.utils import plot_rounds_and_bytes
 
 LABELS = {"splitfed": "SplitFed-V1", "sequential": "Split, sequential server",
           "fedavg": "FedAvg", "centralized": "Centralized"}
@@ -169,25 +169,8 @@ def histogram_rows(hist: Sequence[Sequence[int]], class_names: Sequence[str]) ->
 
 def plot(results: dict[str, Any], path: str, title: str | None = None) -> None:
   """``plot.png``: validation accuracy against rounds and against bytes communicated."""
-  fig = figure(figsize=(11, 4.2))
-  ax_r, ax_b = fig.subplots(1, 2)
-  for name, s in results["runs"].items():
-    pts = [p for p in s["curve"] if p["val_accuracy"] is not None]
-    if not pts:
-      continue
-    style = "--" if s["method"] == "centralized" else "-"
-    ax_r.plot([p["round"] for p in pts], [p["val_accuracy"] for p in pts], style,
-              marker="o", ms=3, label=name)
-    mb = [max(p["cumulative_bytes"], 1) / 1e6 for p in pts]
-    ax_b.plot(mb, [p["val_accuracy"] for p in pts], style, marker="o", ms=3, label=name)
-  ax_r.set(xlabel="round", ylabel="validation accuracy", title="accuracy per round")
-  ax_b.set(xlabel="MB communicated (cumulative, log)", ylabel="validation accuracy",
-           title="accuracy vs communication", xscale="log")
-  for ax in (ax_r, ax_b):
-    ax.grid(alpha=0.3)
-  ax_r.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  curves = {name: (s["curve"], "--" if s["method"] == "centralized" else "-")
+            for name, s in results["runs"].items()}
+  plot_rounds_and_bytes(curves, path, "val_accuracy", "validation accuracy", "accuracy",
+                        title=title)
 
