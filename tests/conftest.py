@@ -1,9 +1,25 @@
 """Shared test fixtures: where the real data lives, and a per-session decode cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One persistent XLA compilation cache for the whole session, set before jax is first
+# imported and inherited by the CLI subprocesses the tests start (SIGTERM/kill -9 and
+# multi-device checks): a program the suite compiled once is loaded, not compiled
+# again, in later tests and in subprocesses. Cached executables are the compiled ones,
+# so numerics do not change; tests that count compilations count traces, or count a
+# cache hit as a compilation. An explicit JAX_COMPILATION_CACHE_DIR is respected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="picpq-jax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # ../shared beside the repository root (CI and developer machines have it).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -19,6 +19,11 @@ first affected stage with ``--restart-from STAGE``:
    (its logits checked against the masked model's) and its weights packed to
    their bit-widths in ``model.npz``;
 8. the report (``report.json``, ``report.md``, PNG plots), see :mod:`.report`.
+
+``stage_seconds.json`` keeps each stage's wall time: a resumed stage adds the time of
+every process that worked on it, a redone one starts again; the parts every run
+repeats (``setup``: loading the model and data; ``export``; ``evaluate``: the final
+scores) hold the last run's. The report gives the table.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 import flax
@@ -137,9 +143,26 @@ def _remove_stages(workdir: str, first: str) -> None:
         shutil.rmtree(path)
       elif os.path.exists(path):
         os.remove(path)
-  path = os.path.join(workdir, "stages.json")
-  if os.path.exists(path):
-    write_json(path, {k: v for k, v in read_json(path).items() if k not in later})
+  for name in ("stages.json", SECONDS_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      write_json(path, {k: v for k, v in read_json(path).items() if k not in later})
+
+
+SECONDS_FILE = "stage_seconds.json"
+
+
+def _lap(workdir: str, clock: dict, stage: str | None) -> None:
+  """Ends the timed part ``clock["stage"]`` (adding its wall time to
+  ``stage_seconds.json``: summed over runs for a saved stage, replaced for a part
+  every run repeats) and starts ``stage`` (``None``: stop timing)."""
+  now, done = time.perf_counter(), clock["stage"]
+  if done is not None and is_primary():
+    path = os.path.join(workdir, SECONDS_FILE)
+    saved = read_json(path) if os.path.exists(path) else {}
+    earlier = saved.get(done, 0.0) if done in STAGES else 0.0
+    write_json(path, {**saved, done: round(earlier + now - clock["start"], 3)})
+  clock.update(stage=stage, start=now)
 
 
 def _begin(config: CompressConfig, workdir: str, stage: str) -> None:
@@ -328,6 +351,7 @@ def load_test_split(data: str, train_meta: dict) -> pdata.ImageDataset | None:
 
 def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) every stage and writes the report; returns the report record."""
+  clock = {"stage": "setup", "start": time.perf_counter()}
   everything = frozenset(f.name for f in dataclasses.fields(config))
   workdir = engine.open_workdir(config, may_change=everything).path  # the stages check
   redo = check_stages(config, workdir)
@@ -352,7 +376,10 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   if is_primary():
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  begin = lambda stage: _begin(config, workdir, stage)
+
+  def begin(stage: str) -> None:
+    _begin(config, workdir, stage)
+    _lap(workdir, clock, stage)
 
   def scores(net, net_vars) -> dict:
     """Validation (and, where the data has one, test) accuracy and loss."""
@@ -398,22 +425,27 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
                   variables=final, quantizer=quantizer, print_fn=lambda s: None)[0].variables
   engine.workdir.stop_if_interrupted(f"stopped before the export; finished stages are "
                                      f"saved in {workdir}: rerun with --resume to continue")
+  _lap(workdir, clock, "export")
   deployed = _compact_and_export(workdir, arch, model_q, final, structure, quantizer,
                                  val.images[:CHECK_IMAGES], mean, std)
   # the pretrained model's weights and BN statistics, 4 bytes each
   deployed["baseline_float32_bytes"] = 4 * models.param_count(
       {k: variables[k] for k in ("params", "batch_stats")})
+  _lap(workdir, clock, "evaluate")
+  finetuned_scores, final_scores = scores(model, finetuned), scores(model_q, final)
+  _lap(workdir, clock, None)
   results = {
       "arch": arch, "data": data, "checkpoint": os.path.abspath(pretrained.resolve(config.checkpoint)),
       "config": config.to_dict(), "baseline": baseline, "pruned": pruned,
-      "finetuned": scores(model, finetuned),
-      "final": scores(model_q, final),
+      "finetuned": finetuned_scores,
+      "final": final_scores,
       "genes": {"a": genes["a"].tolist(), "b": genes["b"].tolist()},
       "best_loss_history": genes["best_loss_history"].tolist(),
       "best_ever_history": genes.get("best_ever_history", np.zeros(0)).tolist(),
       "search_split": search_split_size(len(train_set), config) if config.evolution else 0,
       "deviations": {k: [a, b] for k, (a, b) in config.deviations().items()},
       "deployed": deployed,
+      "stage_seconds": read_json(os.path.join(workdir, SECONDS_FILE)) if is_primary() else {},
   }
   record = report.write_report(workdir, results, structure, masks, quant, print_fn)
   print_fn(f"\nBefore and after (report: {os.path.join(workdir, 'report.md')}):\n")

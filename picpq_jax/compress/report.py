@@ -144,6 +144,25 @@ def _plot_curves(path: str, workdir: str) -> bool:
   return drawn
 
 
+STAGE_NAMES = {"setup": "setup (model and data loaded)", "baseline": "baseline evaluated",
+               "filter_property": "filter property", "genes": "(a, b) search",
+               "plan": "pruning and bits (pruned model evaluated)", "finetune": "fine-tuning",
+               "qat": "quantization-aware training", "export": "compaction and export",
+               "evaluate": "final evaluation"}
+
+
+def stage_seconds_table(seconds: dict[str, float]) -> list[str]:
+  """Markdown lines: wall seconds and share of each stage of ``picpq compress``."""
+  if not seconds:
+    return []
+  total = sum(seconds.values())
+  lines = ["", "| stage | wall time (s) | share |", "|---|---|---|"]
+  for stage, name in STAGE_NAMES.items():
+    if stage in seconds:
+      lines.append(f"| {name} | {seconds[stage]:.1f} | {seconds[stage] / total:.0%} |")
+  return lines + [f"| total | {total:.1f} | |"]
+
+
 def _markdown(results: dict, rows: list[dict]) -> str:
   c = results["cost"]
   split = "test" if "test" in results["final"] else "val"
@@ -181,6 +200,7 @@ def _markdown(results: dict, rows: list[dict]) -> str:
               f"{d['logits_max_abs']:.2f}); top-1 predictions agree on "
               f"{d['compacted_vs_masked_top1_agreement']:.2%} of {d['check_images']} "
               f"validation images."]
+  lines += stage_seconds_table(results.get("stage_seconds", {}))
   lines += ["", "| layer | in kept | out kept | bits | MACs kept |", "|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['layer']} | {r['in']}/{r['in_full']} | {r['out']}/{r['out_full']} | "

@@ -82,6 +82,12 @@ def test_pipeline_runs_every_stage_and_reports_consistent_costs(trained, full_ru
   assert d["file_bytes"] < d["float32_bytes"] / 2
   saved = json.loads((work / "report.json").read_text())
   assert saved["final"]["val"]["accuracy"] == report["final"]["val"]["accuracy"]
+  # Every stage's wall time, in the report and its table.
+  seconds = report["stage_seconds"]
+  assert set(seconds) == {"setup", "baseline", "filter_property", "genes", "plan",
+                          "finetune", "qat", "export", "evaluate"}
+  assert all(s > 0 for s in seconds.values())
+  assert f"| total | {sum(seconds.values()):.1f} | |" in (work / "report.md").read_text()
 
   # A second run refuses to overwrite; --resume reuses every finished stage.
   with pytest.raises(UserError, match="--resume"):
