@@ -52,7 +52,8 @@ from picpq_jax.utils import plot_rounds_and_bytes
 
 # JAX's "rbg" generator instead of the default threefry: the same programs compile in a
 # fraction of the time on CPU (ResNet-8's initialization: 1.5 s instead of 5.8 s of CPU
-# on this machine's EPYC); the draws differ from `picpq federated`'s.
+# on this machine's EPYC, results/prng_compile.md); the draws differ from `picpq
+# federated`'s.
 jax.config.update("jax_default_prng_impl", "rbg")
 
 CI = os.environ.get("PICPQ_NOTEBOOK_SIZE") == "ci"
@@ -115,8 +116,9 @@ client_vars, server_vars = split.split(variables)
 smashed = jax.eval_shape(lambda v, x: split.client.apply(v, x), client_vars,
                          jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.float32))
 print("valid cuts:", federated.valid_cuts(model))
-print("client holds", dict(split.client_keys)["params"], f"{models.param_count(client_vars['params']):,} params")
-print("server holds", dict(split.server_keys)["params"], f"{models.param_count(server_vars['params']):,} params")
+for side, keys, part in (("client", split.client_keys, client_vars),
+                         ("server", split.server_keys, server_vars)):
+  print(side, "holds", dict(keys)["params"], f"{models.param_count(part['params']):,} params")
 print("smashed data per client batch:", smashed.shape, smashed.dtype)
 
 # %% [markdown]
