@@ -68,12 +68,15 @@ def runs(args) -> list[tuple[str, int, int, list[str]]]:
   zo_name = lambda name: name if args.zo_part == "full" else f"{name}-{args.zo_part}"  # noqa: E731
   zo = ["--head", args.zo_head, "--lr", str(args.zo_lr), "--mezo-eps", str(args.zo_eps),
         "--zo-part", args.zo_part, "--dropout", str(args.zo_dropout),
-        "--checkpoint-every", str(args.zo_checkpoint_every)]
+        "--checkpoint-every", str(args.zo_checkpoint_every),
+        "--mezo-n", str(args.zo_n), *(["--head-l2", str(args.zo_l2)] if args.zo_l2 else [])]
+  # --zo-full-batch: every step sees all 2k examples (per client): SST-2's 2 classes
+  zo_batch = lambda k: ["--batch-size", str(2 * k)] if args.zo_full_batch else []  # noqa: E731
   for i, k in enumerate(args.ks):
     for name, extra in METHODS.items():
       if name == "mezo":
         out += [(zo_name(name), k, seed, [*extra, *zo, "--k", str(k), "--steps", str(args.mezo_steps),
-                                 *common, "--seed", str(seed)]) for seed in args.seeds]
+                                 *common, *zo_batch(k), "--seed", str(seed)]) for seed in args.seeds]
       else:
         out.append((name, k, args.seed, [*extra, *head, "--k", str(k), "--epochs",
                                          str(args.epochs), *common, "--seed", str(args.seed)]))
@@ -85,7 +88,7 @@ def runs(args) -> list[tuple[str, int, int, list[str]]]:
           str(args.seed)]))
       out += [(zo_name("fedkseed-zo"), k, seed, [
           "--method", "mezo", "--federated", "fedkseed", *zo, "--rounds", str(args.zo_rounds),
-          "--local-steps", str(args.zo_local_steps), *fed, "--seed", str(seed)])
+          "--local-steps", str(args.zo_local_steps), *fed, *zo_batch(k), "--seed", str(seed)])
               for seed in args.seeds]
   return [r for r in out if not args.only or r[0] in args.only
           or r[0].rsplit("-", 1)[0] in args.only]
@@ -231,6 +234,11 @@ def main() -> None:
   parser.add_argument("--zo-eps", type=float, default=1e-3)
   parser.add_argument("--zo-part", default="full")
   parser.add_argument("--zo-dropout", type=float, default=0.0)
+  parser.add_argument("--zo-n", type=int, default=1, help="ZO rows: --mezo-n (n-SPSA)")
+  parser.add_argument("--zo-l2", type=float, default=0.0,
+                      help="ZO rows with --zo-part head: --head-l2 (pull towards the start)")
+  parser.add_argument("--zo-full-batch", action="store_true",
+                      help="ZO rows: --batch-size 2k (all k-shot examples, per client)")
   parser.add_argument("--zo-checkpoint-every", type=int, default=50,
                       help="ZO rows: --checkpoint-every (thousands of 0.5 ms head steps)")
   parser.add_argument("--merge", action="store_true",

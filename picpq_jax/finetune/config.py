@@ -63,6 +63,7 @@ class FinetuneConfig:
   mezo_eps: float = option(1e-3, "MeZO perturbation scale")
   mezo_n: int = option(1, "MeZO directions per step (n-SPSA)")
   zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt or head (the classifier head alone)")
+  head_l2: float = option(0.0, "--zo-part head: add l2/2 * ||head - start||^2 to the loss (a pull towards the start head; 0: none)")
   pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
   qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
   qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
@@ -120,6 +121,8 @@ class FinetuneConfig:
           "full, lora, bitfit or prompt with --head random (head needs --head labels or probe)")
     check(not (zo_head and self.dropout), "dropout", self.dropout,
           "0 with --zo-part head (the sentences are embedded once, without dropout)")
+    check(self.head_l2 >= 0 and (zo_head or not self.head_l2), "head_l2", self.head_l2,
+          "a number >= 0, and 0 unless --method mezo --zo-part head")
     check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
     check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
     check(self.qlora_grid in ("int", "nf4") and (self.qlora_grid == "int" or self.qlora_bits == 4),

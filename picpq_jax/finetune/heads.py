@@ -33,7 +33,10 @@ Zeroth-order training of the head alone (``--zo-part head``) needs many steps
 (SPSA's variance grows with the ``H * C + C`` dimensions it moves in), and with the
 encoder frozen and no dropout a batch's loss depends on the encoder only through its
 sentences' embeddings: :func:`embedded_loss` computes them once and gives the loss of
-the head over them, the same loss as the whole classifier's.
+the head over them, the same loss as the whole classifier's, optionally plus a pull
+towards the start, ``l2 / 2 * ||theta - theta_0||^2`` (``--head-l2``): on k examples
+per class the head-only objective is a convex logistic regression in ``H * C + C``
+dimensions that overfits 2k examples (experiments/finetune/head_sweep.py).
 """
 
 from __future__ import annotations
@@ -167,7 +170,14 @@ def start_head(head: str, model: BertClassifier, params: dict,
   return {**params, "head": {**params["head"], "classifier": dense}}
 
 
-def embedded_loss(model: BertClassifier, params: dict, data: TokenizedText
+def pull_to_start(theta: dict, start: dict, l2: float) -> Array:
+  """``l2 / 2 * sum ||theta_leaf - start_leaf||^2`` over matching pytrees (float32
+  ``[]``): the ridge penalty towards the start rather than towards zero."""
+  sq = jax.tree.map(lambda a, b: jnp.sum(jnp.square(a - b)), theta, start)
+  return 0.5 * l2 * sum(jax.tree.leaves(sq))
+
+
+def embedded_loss(model: BertClassifier, params: dict, data: TokenizedText, l2: float = 0.0
                   ) -> tuple[TokenizedText, Callable]:
   """The classifier's loss with the encoder's sentence embeddings computed once.
 
@@ -182,17 +192,22 @@ def embedded_loss(model: BertClassifier, params: dict, data: TokenizedText
     model: the classifier (``pooling="sentence"``).
     params: ``{"encoder": ..., "head": {"classifier": {"kernel", "bias"}}}``.
     data: the tokenized training examples, N of them.
+    l2: ``>= 0``; the loss adds :func:`pull_to_start` of the head towards
+      ``params``' head (the start), scaled by ``l2``.
 
   Returns:
     ``(rows, loss_fn)``: ``rows`` a :class:`TokenizedText` with ``input_ids`` int32
     ``[N, 1]`` (the row ``i``), ``attention_mask`` ones ``[N, 1]`` and ``data``'s
     labels; ``loss_fn(params, batch, key) -> float32 []`` the mean cross-entropy of
-    ``E[batch["input_ids"][:, 0]] @ kernel + bias`` (``params["head"]`` read only;
-    ``key`` unused: no dropout).
+    ``E[batch["input_ids"][:, 0]] @ kernel + bias`` plus the pull towards the start
+    (``params["head"]`` read only; ``key`` unused: no dropout).
   """
   if model.pooling != "sentence":
     raise UserError(f"the head's loss over sentence embeddings needs pooling='sentence' "
                     f"(--head labels or probe), got {model.pooling!r}")
+  if l2 < 0:
+    raise UserError(f"--head-l2 must be >= 0, got {l2}")
+  start = jax.tree.map(jnp.asarray, params["head"]["classifier"])
   table = jnp.asarray(sentence_embeddings(BertEncoder(model.config, model.dtype),
                                           params["encoder"], data))
   n = len(data.labels)
@@ -202,5 +217,6 @@ def embedded_loss(model: BertClassifier, params: dict, data: TokenizedText
   def loss_fn(params, batch, key=None):
     dense = params["head"]["classifier"]
     logits = table[batch["input_ids"][:, 0]] @ dense["kernel"] + dense["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss + pull_to_start(dense, start, l2) if l2 else loss
   return rows, loss_fn

@@ -129,6 +129,20 @@ def test_embedded_loss_equals_the_whole_classifiers_loss(tmp_path):
   logits = model.apply({"params": params}, data.input_ids[pick], data.attention_mask[pick])
   want = optax.softmax_cross_entropy_with_integer_labels(logits, data.labels[pick]).mean()
   np.testing.assert_allclose(float(loss_fn(params, batch, None)), float(want), rtol=1e-5)
+  # with a pull towards the start: moved by +0.1 in each of the head's `size` entries,
+  # the loss adds l2 / 2 * 10 * 0.01 to the moved head's cross-entropy
+  _, pulled = heads.embedded_loss(model, params, data, l2=0.5)
+  dense = params["head"]["classifier"]
+  moved = {**params, "head": {"classifier": jax.tree.map(lambda a: a + 0.1, dense)}}
+  logits = model.apply({"params": moved}, data.input_ids[pick], data.attention_mask[pick])
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, data.labels[pick]).mean()
+  size = dense["kernel"].size + dense["bias"].size
+  np.testing.assert_allclose(float(pulled(moved, batch, None)),
+                             float(want) + 0.25 * size * 0.01, rtol=1e-5)
+  np.testing.assert_allclose(float(pulled(params, batch, None)),
+                             float(loss_fn(params, batch, None)), rtol=1e-6)
+  with pytest.raises(UserError, match="head-l2"):
+    heads.embedded_loss(model, params, data, l2=-1.0)
   with pytest.raises(UserError, match="pooling='sentence'"):
     heads.embedded_loss(BertClassifier(pre.config, 2), params, data)
 
@@ -169,6 +183,14 @@ def test_mezo_improves_on_a_label_start():
   assert float(loss_fn(theta, batch)) < float(loss_fn(params, batch)) - 0.05
 
 
+def test_pull_to_start_on_a_hand_made_pair():
+  theta = {"kernel": jnp.array([[1.0, 2.0]]), "bias": jnp.array([0.5])}
+  start = {"kernel": jnp.array([[0.0, 0.0]]), "bias": jnp.array([1.5])}
+  # l2 / 2 * (1 + 4 + 1) with l2 = 2
+  assert float(heads.pull_to_start(theta, start, 2.0)) == pytest.approx(6.0)
+  assert float(heads.pull_to_start(start, start, 2.0)) == 0.0
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(head="probe", federated="fedkseed", method="mezo"), "--head='probe'"),
     (dict(head="first"), "--head='first'"),
@@ -177,6 +199,9 @@ def test_mezo_improves_on_a_label_start():
     (dict(method="qlora", qlora_bits=8, qlora_grid="nf4"), "--qlora-grid='nf4'"),
     (dict(method="mezo", zo_part="head", head="random", dropout=0.0), "--zo-part='head'"),
     (dict(method="mezo", zo_part="head", head="labels", dropout=0.1), "--dropout=0.1"),
+    (dict(method="mezo", zo_part="full", head="labels", head_l2=0.1), "--head-l2=0.1"),
+    (dict(method="mezo", zo_part="head", head="labels", dropout=0.0, head_l2=-1.0),
+     "--head-l2=-1.0"),
 ])
 def test_config_rejects_bad_head_and_grid_options(options, needle):
   from picpq_jax.finetune.config import FinetuneConfig

@@ -132,6 +132,23 @@ def test_mezo_on_the_head_alone_leaves_the_encoder_frozen(folders, tmp_path):
   assert state["trainable/head/classifier/kernel"].shape == (HIDDEN, 2)
 
 
+def test_head_l2_adds_the_pull_to_the_loss_the_run_probes(folders, tmp_path):
+  """Same keys and batch, with and without --head-l2: at the start (step 1) the two
+  probes theta_0 +- eps z add l2/2 eps^2 ||z||^2 to the logged mean loss, and
+  ||z||^2 of the HEAD standard normals is about HEAD (chi-square, sd sqrt(2 HEAD))."""
+  import json
+  losses = {}
+  for l2 in (0.0, 1e3):
+    workdir = tmp_path / f"l2_{l2}"
+    run_finetune(config(folders, workdir, method="mezo", zo_part="head", head="labels",
+                        steps=1, dropout=0.0, head_l2=l2), print_fn=lambda s: None)
+    first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    losses[l2] = first["train_loss"]
+  extra = losses[1e3] - losses[0.0]
+  expected = 0.5 * 1e3 * 1e-3 ** 2 * HEAD
+  assert 0.5 * expected < extra < 1.5 * expected
+
+
 def test_fedit_bytes_per_round(folders, tmp_path):
   fedit = run_finetune(config(folders, tmp_path, method="lora", federated="fedit", clients=2,
                               rounds=1, local_steps=2, k=2, batch_size=2),

@@ -1,0 +1,244 @@
+"""Head-only zeroth-order settings, and the first-order ceiling of the same objective.
+
+With ``--zo-part head`` MeZO moves only the classifier head over sentence embeddings
+computed once (:func:`picpq_jax.finetune.heads.embedded_loss`): a convex multinomial
+logistic regression in ``d = H * C + C`` (770) dimensions from the label-prompt
+start, optionally pulled towards it (``--head-l2``). Its first-order optimum on the
+same k examples, with the same start, pull and early stopping, is the most n-SPSA can
+reach; this script measures both, one process, the encoder loaded once:
+
+* per (k, seed): the k-shot draw and the carved split of ``picpq finetune --eval-split
+  train`` (``held_out``: ``--eval-size`` training sentences outside the k-shot draw),
+  the label head (``heads.start_head``) and ``heads.embedded_loss`` for each ``l2``;
+* MeZO (``mezo.make_step``, the estimator ``picpq finetune`` runs) on the full batch
+  of the 2k examples for each ``lr:eps:n:l2`` of ``--grid``, scored on the carved
+  split every ``--eval-every`` steps;
+* the first-order reference: Adam on the same loss for each ``lr:l2`` of
+  ``--fo-grid``, scored the same way every ``--fo-eval-every`` steps.
+
+Per k, the setting and step count with the best mean carved-split accuracy over the
+seeds is chosen (ties: fewer steps); only then are the chosen settings scored on the
+fixed sample of ``--dev-size`` dev sentences that the results table uses. Writes
+``results/head_sweep.json`` and ``results/head_sweep.md``.
+
+Command (from the repo root):
+
+    .venv/bin/python -m experiments.finetune.head_sweep --data ../shared/data/sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.bench.common import cpu_model
+from picpq_jax.finetune import heads, mezo
+from picpq_jax.finetune.bert import BertClassifier, BertEncoder, init_classifier
+from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
+from picpq_jax.finetune.run import eval_sample
+from picpq_jax.finetune.text import (TextDataset, TokenCache, held_out, k_shot, load_tsv,
+                                     sst2_paths)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def accuracy(theta: dict, x: np.ndarray, y: np.ndarray) -> float:
+  """Accuracy of the head ``theta["head"]["classifier"]`` on embeddings ``x`` ``[N, H]``."""
+  dense = theta["head"]["classifier"]
+  return float(np.mean(np.argmax(x @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]),
+                                 -1) == y))
+
+
+def mezo_curve(loss_fn, batch, theta, lr, eps, n, steps, every, seed, score):
+  """``[(step, score(theta_step))]`` every ``every`` steps of MeZO on one full batch."""
+  step = mezo.make_step(loss_fn, eps=eps, n=n, jit=False)
+
+  @jax.jit
+  def chunk(theta, first):
+    def body(theta, t):
+      return step.step({}, theta, batch, jax.random.fold_in(jax.random.key(seed), t), lr)[0], None
+    return jax.lax.scan(body, theta, first + jnp.arange(every))[0]
+
+  out = [(0, score(theta))]
+  for first in range(0, steps, every):
+    theta = chunk(theta, first)
+    out.append((first + every, score(theta)))
+  return out, theta
+
+
+def adam_curve(loss_fn, batch, theta, lr, steps, every, score):
+  """``[(step, score(theta_step))]`` every ``every`` steps of full-batch Adam."""
+  opt = optax.adam(lr)
+
+  @jax.jit
+  def chunk(theta, state):
+    def body(carry, _):
+      theta, state = carry
+      updates, state = opt.update(jax.grad(loss_fn)(theta, batch), state, theta)
+      return (optax.apply_updates(theta, updates), state), None
+    return jax.lax.scan(body, (theta, state), None, every)[0]
+
+  out, state, thetas = [(0, score(theta))], opt.init(theta), {0: theta}
+  for first in range(0, steps, every):
+    theta, state = chunk(theta, state)
+    out.append((first + every, score(theta)))
+    thetas[first + every] = theta
+  return out, thetas
+
+
+def choose(rows: list[dict]) -> tuple[dict, int, float]:
+  """The setting and step with the best mean carved-split accuracy over seeds."""
+  best = None
+  for setting in {r["setting"] for r in rows}:
+    mine = [r for r in rows if r["setting"] == setting]
+    for i, (step, _) in enumerate(mine[0]["curve"]):
+      mean = statistics.mean(r["curve"][i][1] for r in mine)
+      if best is None or mean > best[2] + 1e-9 or (abs(mean - best[2]) <= 1e-9 and step < best[1]):
+        best = (setting, step, mean)
+  return best
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", default="../shared/data/sst2")
+  parser.add_argument("--ks", default="16,64")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--eval-size", type=int, default=500, help="carved split size")
+  parser.add_argument("--dev-size", type=int, default=1000)
+  parser.add_argument("--steps", type=int, default=50000)
+  parser.add_argument("--eval-every", type=int, default=5000)
+  parser.add_argument("--grid", default="3e-2:1e-3:1:0,1e-2:1e-3:1:1e-2,3e-2:1e-3:1:1e-2,"
+                      "1e-1:1e-3:1:1e-2,3e-2:1e-2:1:1e-2,3e-2:1e-3:4:1e-2",
+                      help="lr:eps:n:l2,... for MeZO")
+  parser.add_argument("--fo-grid", default="1e-3:0,1e-2:0,1e-3:1e-2,1e-2:1e-2,1e-3:1e-1",
+                      help="lr:l2,... for Adam")
+  parser.add_argument("--fo-steps", type=int, default=2000)
+  parser.add_argument("--fo-eval-every", type=int, default=100)
+  parser.add_argument("--label-prompts", default="It was terrible.|It was great.")
+  parser.add_argument("--label-scale", type=float, default=20.0)
+  parser.add_argument("--max-len", type=int, default=64)
+  args = parser.parse_args()
+  command = "python -m experiments.finetune.head_sweep " + shlex.join(sys.argv[1:])
+  t0 = time.time()
+  paths = sst2_paths(args.data)
+  train_all, dev = load_tsv(paths.train), eval_sample(load_tsv(paths.dev), args.dev_size)
+  pre, cache = load_minilm(None), TokenCache(load_tokenizer(None))
+  model = BertClassifier(pre.config, train_all.num_classes, "sentence")
+  params = init_classifier(jax.random.key(0), model, pre.params)
+  embed = lambda ds: heads.sentence_embeddings(  # noqa: E731
+      BertEncoder(model.config, model.dtype), params["encoder"], cache(ds, args.max_len))
+  tokenize = lambda texts: cache(TextDataset(tuple(texts), np.zeros(len(texts), np.int32)),  # noqa: E731
+                                 args.max_len)
+  prompts = tuple(args.label_prompts.split("|"))
+  mezo_grid = [tuple(float(v) for v in s.split(":")) for s in args.grid.split(",") if s]
+  fo_grid = [tuple(float(v) for v in s.split(":")) for s in args.fo_grid.split(",") if s]
+  zo_rows, fo_rows, problems = [], [], {}
+  for k in (int(v) for v in args.ks.split(",")):
+    for seed in (int(v) for v in args.seeds.split(",")):
+      train = k_shot(train_all, k, seed)
+      carved = held_out(train_all, train, args.eval_size)
+      train_tok = cache(train, args.max_len)
+      start = heads.start_head("labels", model, params, tokenize, train_tok, prompts=prompts,
+                               scale=args.label_scale)
+      theta0 = {"head": start["head"]}
+      x_carved, y_carved = embed(carved), carved.labels
+      score = lambda theta: accuracy(theta, x_carved, y_carved)  # noqa: E731
+      losses = {}
+      for l2 in sorted({s[-1] for s in mezo_grid} | {s[-1] for s in fo_grid}):
+        rows, losses[l2] = heads.embedded_loss(model, start, train_tok, l2)
+      batch = {"input_ids": jnp.asarray(rows.input_ids), "label": jnp.asarray(rows.labels),
+               "attention_mask": jnp.asarray(rows.attention_mask)}
+      problems[(k, seed)] = (losses, batch, theta0)
+      for lr, eps, n, l2 in mezo_grid:
+        curve, _ = mezo_curve(losses[l2], batch, theta0, lr, eps, int(n), args.steps,
+                              args.eval_every, seed, score)
+        zo_rows.append({"k": k, "seed": seed, "setting": f"{lr:g}:{eps:g}:{int(n)}:{l2:g}",
+                        "curve": curve})
+        print(f"mezo k={k} seed={seed} {zo_rows[-1]['setting']}: "
+              + " ".join(f"{a:.3f}" for _, a in curve) + f" ({time.time() - t0:.0f} s)",
+              flush=True)
+      for lr, l2 in fo_grid:
+        curve, _ = adam_curve(losses[l2], batch, theta0, lr, args.fo_steps,
+                              args.fo_eval_every, score)
+        fo_rows.append({"k": k, "seed": seed, "setting": f"{lr:g}:{l2:g}", "curve": curve})
+        print(f"adam k={k} seed={seed} {fo_rows[-1]['setting']}: start {curve[0][1]:.3f} "
+              f"best {max(a for _, a in curve):.3f} end {curve[-1][1]:.3f}", flush=True)
+
+  # Choose on the carved split, then (and only then) score the choice on dev.
+  x_dev, y_dev = embed(dev), dev.labels
+  chosen = {}
+  for k in sorted({r["k"] for r in zo_rows}):
+    z_setting, z_step, z_carved = choose([r for r in zo_rows if r["k"] == k])
+    f_setting, f_step, f_carved = choose([r for r in fo_rows if r["k"] == k])
+    lr, eps, n, l2 = (float(v) for v in z_setting.split(":"))
+    f_lr, f_l2 = (float(v) for v in f_setting.split(":"))
+    per_seed = []
+    for (kk, seed), (losses, batch, theta0) in problems.items():
+      if kk != k:
+        continue
+      dev_score = lambda theta: accuracy(theta, x_dev, y_dev)  # noqa: E731
+      _, theta = mezo_curve(losses[l2], batch, theta0, lr, eps, int(n), z_step or 1,
+                            z_step or 1, seed, dev_score) if z_step else (None, theta0)
+      _, thetas = adam_curve(losses[f_l2], batch, theta0, f_lr, max(f_step, 1),
+                             max(f_step, 1), dev_score)
+      per_seed.append({"seed": seed, "start_dev": dev_score(theta0),
+                       "mezo_dev": dev_score(theta), "adam_dev": dev_score(thetas[f_step])})
+    chosen[k] = {"mezo": {"lr": lr, "eps": eps, "n": int(n), "l2": l2, "steps": z_step,
+                          "carved_mean": z_carved},
+                 "adam": {"lr": f_lr, "l2": f_l2, "steps": f_step, "carved_mean": f_carved},
+                 "dev": per_seed}
+    print(k, json.dumps(chosen[k]), flush=True)
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  out = {"command": command, "cpu": cpu_model(), "load": os.getloadavg(),
+         "wall_time_s": time.time() - t0, "chosen": chosen, "mezo": zo_rows, "adam": fo_rows}
+  (RESULTS / "head_sweep.json").write_text(json.dumps(out, indent=1))
+  (RESULTS / "head_sweep.md").write_text(report(out))
+  print(report(out))
+
+
+def report(out: dict) -> str:
+  def stat(values):
+    return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+            if len(values) > 1 else f"{values[0]:.3f}")
+
+  lines = ["# Head-only MeZO settings and the first-order ceiling (carved split -> dev)", "",
+           f"    {out['command']}", "",
+           f"{out['cpu']}, load average at the end {out['load'][0]:.1f} (shared 2-CPU "
+           f"machine), {out['wall_time_s'] / 60:.1f} min wall.", "",
+           "Carved split: training sentences outside each k-shot draw (`held_out`, as "
+           "`picpq finetune --eval-split train`); every setting and step count below is "
+           "chosen on it, the dev column is computed once, for the choice.", "",
+           "| k/class | method | chosen setting | steps | carved acc (mean) | dev start | "
+           "dev after (mean ± sd over seeds) |", "|---|---|---|---|---|---|---|"]
+  for k, c in out["chosen"].items():
+    dev = c["dev"]
+    m, a = c["mezo"], c["adam"]
+    lines.append(f"| {k} | MeZO head (n-SPSA) | lr {m['lr']:g}, eps {m['eps']:g}, n {m['n']}, "
+                 f"l2 {m['l2']:g} | {m['steps']} | {m['carved_mean']:.3f} | "
+                 f"{stat([d['start_dev'] for d in dev])} | {stat([d['mezo_dev'] for d in dev])} |")
+    lines.append(f"| {k} | Adam head (first-order ceiling) | lr {a['lr']:g}, l2 {a['l2']:g} | "
+                 f"{a['steps']} | {a['carved_mean']:.3f} | {stat([d['start_dev'] for d in dev])} "
+                 f"| {stat([d['adam_dev'] for d in dev])} |")
+  lines += ["", "Carved-split accuracy of every MeZO setting (mean over seeds) at each "
+            "evaluated step:", ""]
+  for k in sorted({r["k"] for r in out["mezo"]}):
+    for setting in dict.fromkeys(r["setting"] for r in out["mezo"] if r["k"] == k):
+      mine = [r for r in out["mezo"] if r["k"] == k and r["setting"] == setting]
+      means = [statistics.mean(r["curve"][i][1] for r in mine) for i in range(len(mine[0]["curve"]))]
+      lines.append(f"- k={k} lr:eps:n:l2 = {setting}: " + " ".join(f"{v:.3f}" for v in means))
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
