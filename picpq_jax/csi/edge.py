@@ -75,7 +75,11 @@ def quantize_encoder(arch: str, cr: int, variables: dict, w_bits: int, x: Array,
     flat.setdefault(name, jnp.ones((), jnp.float32))  # LSQ steps: set by calibrate_lsq
   v = {"params": traverse_util.unflatten_dict(flat, sep="/"),
        "batch_stats": variables["batch_stats"], "quant": encoder_quant(encoder, w_bits, a_bits)}
-  return encoder, calibrate_lsq(encoder, v, x)
+  return encoder, _calibrate(encoder, v, x)
+
+
+# One compilation per encoder (bits are traced): many UEs' encoders share it.
+_calibrate = jax.jit(calibrate_lsq, static_argnums=0)
 
 
 def encoder_cost(encoder: nn.Module, quant: dict | None = None) -> dict[str, float]:
@@ -87,6 +91,7 @@ def encoder_cost(encoder: nn.Module, quant: dict | None = None) -> dict[str, flo
           "bops": float(jnp.sum(c.bops)), "bytes": float(jnp.sum(c.params * c.w_bits)) / 8}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def reconstruct(encoder: nn.Module, decoder: nn.Module, enc_vars: dict, dec_vars: dict,
                 x: Array) -> Array:
   """``decoder(encoder(x))`` in inference mode, ``[N, 32, 32, 2] -> [N, 32, 32, 2]``."""
@@ -103,20 +108,29 @@ def finetune_encoder(encoder: nn.Module, decoder: nn.Module, enc_vars: dict, dec
   training mode, the decoder in inference mode; loss: MSE of the reconstruction.
   Returns the encoder's new variables.
   """
-  tx = optax.adam(1.0)
   consts = {k: v for k, v in enc_vars.items() if k not in ("params", "batch_stats")}
+  step = _finetune_step(encoder, decoder)
+  part = PartState.create(enc_vars, ADAM)
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    part, _ = step(part, consts, dec_vars, jnp.asarray(x[rng.integers(0, len(x), batch_size)]),
+                   jnp.float32(lr))
+  return part.variables(consts)
 
+
+ADAM = optax.adam(1.0)  # the learning rate scales each update (federated.steps.apply_update)
+
+
+@functools.lru_cache(maxsize=8)
+def _finetune_step(encoder: nn.Module, decoder: nn.Module):
+  """The jitted fine-tune step ``(part, consts, dec_vars, x, lr) -> (part, loss)``, one
+  compilation per (encoder, decoder) for every UE."""
   @jax.jit
-  def step(part, xb):
+  def step(part, consts, dec_vars, xb, lr):
     def loss_fn(params):
       cw, upd = encoder.apply({**part.variables(consts), "params": params}, xb, train=True,
                               mutable=["batch_stats"])
       return mse(decoder.apply(dec_vars, cw, train=False), xb), upd["batch_stats"]
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(part.params)
-    return apply_update(tx, part.replace(batch_stats=stats), grads, jnp.float32(lr)), loss
-
-  part = PartState.create(enc_vars, tx)
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    part, _ = step(part, jnp.asarray(x[rng.integers(0, len(x), batch_size)]))
-  return part.variables(consts)
+    return apply_update(ADAM, part.replace(batch_stats=stats), grads, lr), loss
+  return step
