@@ -62,7 +62,9 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--config", default="csinet:4")
   p.add_argument("--bits", default="8,4,2")
-  p.add_argument("--steps", type=int, default=100, help="fine-tune steps per UE encoder")
+  p.add_argument("--steps", type=int, default=50, help="fine-tune steps per UE encoder")
+  p.add_argument("--conv-bits", type=int, default=None,
+                 help="the conv layers' weight bits (default: --bits, like the dense layer)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="run_grid.py's workdirs")
   p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -85,7 +87,8 @@ def main():
   for bits in (int(b) for b in args.bits.split(",")):
     ptq, qat = [], []
     for u in range(ues):
-      enc, qv = edge.quantize_encoder(arch, cr, one(u), bits, jnp.asarray(train[u]))
+      enc, qv = edge.quantize_encoder(arch, cr, one(u), bits, jnp.asarray(train[u]),
+                                      conv_w_bits=args.conv_bits)
       ptq.append(np.asarray(edge.reconstruct(enc, model.decoder, qv, dec_vars, jnp.asarray(test[u]))))
       tuned = edge.finetune_encoder(enc, model.decoder, qv, dec_vars, train[u], args.steps, 16,
                                     args.lr, seed=u)
@@ -95,13 +98,16 @@ def main():
                         "ptq": evaluate(ptq, test), "qat": evaluate(qat, test)}
     print(bits, rows[f"w{bits}"], flush=True)
   out = {"config": {"arch": arch, "cr": cr, "split_round": step, "finetune_steps": args.steps,
+                    "conv_bits": args.conv_bits,
                     "finetune_lr": args.lr, "batch": 16, "activations": "float32"},
          "rows": rows, "wall_s": time.time() - t0, "load": os.getloadavg()}
-  name = os.path.join(args.out, f"ue_compress-{arch}-cr{cr}")
+  name = os.path.join(args.out, f"ue_compress-{arch}-cr{cr}"
+                      + (f"-conv{args.conv_bits}" if args.conv_bits else ""))
   json.dump(out, open(name + ".json", "w"), indent=1)
   base = rows["float32"]
+  conv = f"the conv at {args.conv_bits} bits, " if args.conv_bits else ""
   lines = [f"UE encoder of the split method, {arch} CR {cr} (after {step} rounds), weights at "
-           f"k bits with LSQ, activations float; test NMSE over 8 UEs x 64 samples. "
+           f"k bits with LSQ ({conv}'w<k>'), activations float; test NMSE over 8 UEs x 64 samples. "
            f"Fine-tune: {args.steps} steps x batch 16 per UE through the frozen decoder, "
            f"Adam {args.lr}. {out['wall_s']:.0f} s wall, load {out['load'][0]:.0f}.", "",
            "| weights | FLOPs (MACs) | params | BOPs | bytes | BOPs vs float | NMSE PTQ (dB) "

@@ -46,25 +46,29 @@ def quantized_encoder(arch: str, cr: int) -> nn.Module:
   return get_csi_model(arch, cr, quantizer=LSQ()).encoder
 
 
-def encoder_quant(encoder: nn.Module, w_bits: int, a_bits: int = FULL_PRECISION_BITS) -> dict:
-  """The ``quant`` collection with every layer of ``encoder`` at ``w_bits``/``a_bits``."""
-  for name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
+def encoder_quant(encoder: nn.Module, w_bits: int, a_bits: int = FULL_PRECISION_BITS,
+                  conv_w_bits: int | None = None) -> dict:
+  """The ``quant`` collection of ``encoder``: every layer's weights at ``w_bits`` (its
+  convs' at ``conv_w_bits`` when given) and inputs at ``a_bits``."""
+  conv_w_bits = w_bits if conv_w_bits is None else conv_w_bits
+  for name, b in (("w_bits", w_bits), ("a_bits", a_bits), ("conv_w_bits", conv_w_bits)):
     if not (2 <= b <= 16 or b == FULL_PRECISION_BITS):
       raise UserError(f"encoder {name}={b}: use 2..16 or {FULL_PRECISION_BITS} (float)")
   flat = {}
   for layer in model_structure(encoder, SAMPLE_SHAPE).layers:
-    flat[f"{layer.name}/w_bits"] = jnp.int32(w_bits)
+    flat[f"{layer.name}/w_bits"] = jnp.int32(conv_w_bits if layer.kind == "conv" else w_bits)
     flat[f"{layer.name}/a_bits"] = jnp.int32(a_bits)
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def quantize_encoder(arch: str, cr: int, variables: dict, w_bits: int, x: Array,
-                     a_bits: int = FULL_PRECISION_BITS) -> tuple[nn.Module, dict]:
+                     a_bits: int = FULL_PRECISION_BITS,
+                     conv_w_bits: int | None = None) -> tuple[nn.Module, dict]:
   """``(LSQ encoder, its variables)`` from a trained float encoder's ``variables``.
 
   Args:
     variables: one encoder's ``{"params", "batch_stats"}`` (float, trained).
-    w_bits, a_bits: bits of every layer's weights and input activations.
+    w_bits, a_bits, conv_w_bits: see :func:`encoder_quant`.
     x: ``[N, 32, 32, 2]`` CSI the UE holds, for LSQ's activation steps.
   """
   encoder = quantized_encoder(arch, cr)
@@ -74,7 +78,7 @@ def quantize_encoder(arch: str, cr: int, variables: dict, w_bits: int, x: Array,
   for name in traverse_util.flatten_dict(fresh["params"], sep="/"):
     flat.setdefault(name, jnp.ones((), jnp.float32))  # LSQ steps: set by calibrate_lsq
   v = {"params": traverse_util.unflatten_dict(flat, sep="/"),
-       "batch_stats": variables["batch_stats"], "quant": encoder_quant(encoder, w_bits, a_bits)}
+       "batch_stats": variables["batch_stats"], "quant": encoder_quant(encoder, w_bits, a_bits, conv_w_bits)}
   return encoder, _calibrate(encoder, v, x)
 
 

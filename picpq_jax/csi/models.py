@@ -321,10 +321,10 @@ def init_csi_variables(model: nn.Module, key: jax.Array, batch: int = 1,
 
   A decoder's :meth:`output_kernel` (CsiNet's last conv) starts at ``output_scale``
   times its default draw, so the untrained autoencoder outputs about 0.5 (zero CSI,
-  0 dB NMSE) instead of a sigmoid of unit-scale features (+15 to +25 dB): the CSI
+  0 dB NMSE) instead of a sigmoid of unit-scale features (+18 dB): the CSI
   deviates from 0.5 by about 0.03 (std), and from the default start most of a short
-  run went into shrinking the output (measured: 1000 steps to reach -0.8 dB, against
-  -4.2 dB with 0.01; ``experiments/csi/plateau.py``).
+  run went into shrinking the output (measured, Adam 3e-3: -1.02 dB after 1000 steps
+  as drawn, -4.62 dB with 0.01; ``experiments/csi/plateau.py``).
   """
   x = jnp.zeros((batch, *SAMPLE_SHAPE), jnp.float32)
   variables = dict(jax.jit(lambda k: model.init(k, x, train=False))(key))

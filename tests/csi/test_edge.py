@@ -24,6 +24,13 @@ def test_csinet_encoder_cost_matches_a_hand_count(w_bits):
   assert edge.encoder_cost(encoder) == edge.encoder_cost(encoder, edge.encoder_quant(encoder, 32))
 
 
+def test_mixed_bits_price_each_layer_at_its_own_bits():
+  encoder = edge.quantized_encoder("csinet", 16)
+  got = edge.encoder_cost(encoder, edge.encoder_quant(encoder, 4, conv_w_bits=8))
+  assert got["bops"] == CONV_MACS * 8 * 32 + (FC_W + FC_B) * 4 * 32
+  assert got["bytes"] == ((CONV_W + CONV_B) * 8 + (FC_W + FC_B) * 4) / 8
+
+
 
 def test_bits_outside_the_quantizers_range_are_a_user_error():
   with pytest.raises(UserError, match="w_bits=1"):
