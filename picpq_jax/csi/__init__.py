@@ -12,6 +12,9 @@
   BTS decoder) and split with the BTS decoder pipelined (:mod:`~picpq_jax.csi.pipeline`,
   GPipe over a ``stages`` mesh axis), each a step program compiled once.
 * :mod:`~picpq_jax.csi.traffic`: exact bytes per UE and round, and a round-time model.
+* :mod:`~picpq_jax.csi.edge`: PIC-PQ on the UE side: a trained encoder quantized with
+  LSQ (post-training, optional short fine-tune through the frozen decoder) and its
+  FLOPs, parameters, BOPs and bytes from the library's cost model.
 * :mod:`~picpq_jax.csi.run`: ``picpq csi`` on the run engine (options in
   :mod:`~picpq_jax.csi.config`).
 
@@ -34,7 +37,11 @@ What was chosen where the papers and reference code are silent:
    reconstruction; rho = 1 for a perfect reconstruction.
 6. Models: the library's initializers (not Keras' Glorot / CRNet's Xavier), CsiNet's
    convs with bias (Keras default) and CRNet's without (as its ``ConvBN``), BN with
-   PyTorch's momentum, NHWC flatten order before the dense layers.
+   PyTorch's momentum, NHWC flatten order before the dense layers. CsiNet's last
+   conv starts at 0.01 x its drawn kernel, so the untrained model outputs about 0.5
+   (the CSI's mean) and short runs learn the CSI instead of first shrinking a
+   unit-scale output (``init_csi_variables``; CRNet keeps its draw: the same
+   treatment of its output-scale layers stalled it at 0 dB, measured).
 7. Decoder stages: the pieces ``fc`` + blocks (CsiNet: fc, refine1, refine2, out;
    CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S)`` gives ``S``
    consecutive spans, earlier stages taking the extra piece.
@@ -57,6 +64,8 @@ import importlib
 
 _EXPORTS = {
     "domain": ("angular_delay", "frequency_response", "to_complex", "to_unit_range"),
+    "edge": ("encoder_cost", "encoder_quant", "finetune_encoder", "quantize_encoder",
+             "quantized_encoder"),
     "mat": ("COST2100_SCENARIOS", "cost2100_paths", "load_cost2100", "load_hf", "load_ht",
             "read_mat"),
     "metrics": ("nmse_db", "nmse_per_sample", "rho", "rho_per_sample", "to_db"),

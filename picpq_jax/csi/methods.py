@@ -22,6 +22,13 @@ bits as traced data, so it compiles once for all rounds.
   :mod:`picpq_jax.csi.pipeline` over the mesh's ``stages`` axis; its step equals
   ``split``'s to float tolerance.
 
+Redundant BTS work (known, left as is): the split step all-gathers every UE's codewords
+and each device of the ``clients`` axis decodes all of them, so with ``C`` clients
+devices the BTS's computation is repeated ``C`` times (identical results; only wall time
+and energy are wasted). A deployment would run the decoder once, on the BTS's own
+devices (the ``stages`` axis); ``picpq csi`` keeps ``C`` small by creating one simulated
+CPU device per stage. The bytes and the round-time model count the BTS once.
+
 Loss: the MSE between reconstruction and input in [0, 1] (CsiNet's); optimizer Adam.
 The split step's loss is the mean over UEs of each UE's batch MSE, batch norm at the
 BTS per UE micro-batch; with one UE it is the centralized step exactly.

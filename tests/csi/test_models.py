@@ -118,3 +118,14 @@ def test_a_ratio_that_does_not_divide_2048_is_a_one_line_user_error(cr):
 def test_unknown_architecture_is_a_user_error():
   with pytest.raises(UserError, match="choose one of crnet, csinet"):
     csi.get_csi_model("csinet2", 4)
+
+
+def test_csinet_output_kernel_starts_quiet_and_the_rest_at_the_default_draw():
+  model = csi.get_csi_model("csinet", 16)
+  quiet = variables("csinet", 16)
+  default = csi.init_csi_variables(model, jax.random.key(0), output_scale=1.0)
+  path = ("decoder", "out", "kernel")
+  flat_q, flat_d = (dict(jax.tree_util.tree_flatten_with_path(v["params"])[0]) for v in (quiet, default))
+  key = next(k for k in flat_q if tuple(p.key for p in k) == path)
+  np.testing.assert_allclose(flat_q[key], 0.01 * flat_d[key], rtol=1e-6)
+  assert all(np.array_equal(flat_q[k], flat_d[k]) for k in flat_q if k != key)
