@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
+import jax
 import numpy as np
 
+from experiments.compress import fair_data
 from picpq_jax.compress import CompressConfig, run_compress
 from picpq_jax.compress.report import plot_accuracy_vs_bops
 
@@ -37,19 +41,48 @@ DATA = ROOT / "runs" / "compress" / "fair-data.zip"  # made by experiments.compr
 OUT = Path(__file__).resolve().parent / "results" / "fair"
 
 # Equal treatment for every row (sized for a shared 2-core CPU).
-COMMON = dict(population=8, sample=4, generations=4, children=1, tau_hat=10,
-              search_val_size=1000, ft_epochs=1, qat_epochs=2, strategy="unroll",
-              fp_batches=6, fp_batch_size=128)
+COMMON = dict(population=8, sample=4, generations=4, children=1, tau_hat=5,
+              search_val_size=400, val_size=500, ft_epochs=1, qat_epochs=2,
+              strategy="unroll", fp_batches=6, fp_batch_size=128)
 METHODS = {  # name -> (label, options)
     "rank-conv": ("rank @ conv (reference FP)", dict(criterion="rank", fp_point="conv")),
     "rank-relu": ("rank @ post-ReLU (HRank)", dict(criterion="rank", fp_point="relu")),
     "l1": ("L1 norm", dict(criterion="l1")),
 }
 TARGETS = {"t45": 0.45, "t65": 0.65}  # fraction of FLOPs kept: the paper's 55% removed, milder
+CRITERIA_ROWS = [f"{m}-{g}" for m in METHODS for g in ("unit", "evo")] + ["uniform"]
+HEADLINE_SEEDS = (1, 2)
+# The search as this project first wrote it, each choice the reference's opposite.
+EARLIER_SEARCH = dict(identity_seed=False, sampling="distinct", returns="final",
+                      search_optimizer="nesterov")
+
+
+def grid() -> Iterator[str]:
+  """Every row, in the order it runs: both budgets and every criterion (the milder
+  budget's rows in the order of their 45% test accuracy); the other
+  activation placement (every conv's input) for the two best methods at 45% (by
+  seed-0 test accuracy, known once those rows ran); seeds 1 and 2 of the headline
+  rows: the reference's rank @ conv and the best other criterion, both gene kinds;
+  then that criterion with our earlier search choices, 3 seeds."""
+  yield from (f"t45-{r}" for r in CRITERIA_ROWS)
+  by_t45 = sorted(CRITERIA_ROWS, key=lambda r: -_record(f"t45-{r}")["final_test_accuracy"])
+  yield from (f"t65-{r}" for r in by_t45)  # where time runs out, the best ran first
+  best = [r for r in by_t45 if r != "uniform"]
+  yield from (f"t45-{r}-every" for r in best[:2])
+  other = next(r.rsplit("-", 1)[0] for r in best if not r.startswith("rank-conv"))
+  for seed in HEADLINE_SEEDS:
+    yield from (f"t45-{m}-{g}-s{seed}" for m in (other, "rank-conv") for g in ("unit", "evo"))
+  for seed in (0, *HEADLINE_SEEDS):  # the earlier search against the reference's
+    yield f"t45-{other}-ours" + (f"-s{seed}" if seed else "")
+
+
+def _record(row: str) -> dict:
+  return json.loads((OUT / f"{row}.json").read_text())
 
 
 def row_options(row: str) -> tuple[str, dict]:
-  """``t45-rank-conv-evo[-every][-s1]`` -> (label, CompressConfig options)."""
+  """``t45-rank-conv-evo[-every][-s1]`` -> (label, CompressConfig options); genes:
+  ``unit`` (a=1, b=0), ``evo`` (the reference's search) or ``ours`` (our earlier one)."""
   parts = row.split("-")
   target = TARGETS[parts[0]]
   seed = int(parts[-1][1:]) if parts[-1].startswith("s") and parts[-1][1:].isdigit() else 0
@@ -62,15 +95,27 @@ def row_options(row: str) -> tuple[str, dict]:
   else:
     method, genes = rest.rsplit("-", 1)
     label, opts = METHODS[method]
-    label += ", learned (a, b)" if genes == "evo" else ", a=1 b=0"
-    opts = {**opts, "evolution": genes == "evo"}
+    label += ", a=1 b=0" if genes == "unit" else ", learned (a, b)"
+    opts = {**opts, "evolution": genes != "unit"}
+    if genes == "ours":
+      label += ", our earlier search"
+      opts.update(EARLIER_SEARCH)
   if act != "inner":
     label += ", every-conv act. quant."
   return label, {**COMMON, **opts, "target": target, "seed": seed, "act_quant": act}
 
 
+def _treatment(row: str) -> dict:
+  """Everything a row's result depends on: its options and the data's sizes."""
+  return {**row_options(row)[1], "train_images": fair_data.TRAIN_IMAGES,
+          "test_images": fair_data.TEST_IMAGES}
+
+
 def run_row(row: str) -> dict:
+  """Runs (or resumes) one row; writes and returns its record."""
   label, opts = row_options(row)
+  if (OUT / f"{row}.json").exists() and _record(row).get("treatment") == _treatment(row):
+    return _record(row)
   config = CompressConfig(checkpoint=str(BASELINE), data=str(DATA),
                           workdir=f"runs/compress/fair/{row}", resume=True, progress=False,
                           **opts)
@@ -78,6 +123,7 @@ def run_row(row: str) -> dict:
   report = run_compress(config, print_fn=lambda s: None)
   record = {
       "row": row, "label": label, "target": opts["target"], "seed": opts["seed"],
+      "treatment": _treatment(row),
       "command": f".venv/bin/python -m experiments.compress.fair --rows {row}",
       "wall_s": round(time.time() - start, 1), "load_at_start": load[0],
       "load_at_end": os.getloadavg()[0],
@@ -98,20 +144,35 @@ def run_row(row: str) -> dict:
   return record
 
 
+def _order(row: str) -> tuple:
+  """Table order: budget, then criterion and gene kind as in :func:`grid`."""
+  target, _, rest = re.sub(r"-s\d+$", "", row).partition("-")
+  method = rest.removesuffix("-every")
+  kinds = [*CRITERIA_ROWS, *(f"{m}-ours" for m in METHODS)]
+  return list(TARGETS).index(target), kinds.index(method), rest.endswith("-every")
+
+
 def summarize() -> str:
-  records = [json.loads(p.read_text()) for p in sorted(OUT.glob("t*.json"))]
+  """Writes ``fair.md`` (one line per budget and method: mean ± std over seeds) and
+  ``accuracy_vs_bops.png`` from the rows finished with the current treatment."""
+  records = []
+  for path in sorted(OUT.glob("t*.json"), key=lambda p: _order(p.stem)):
+    record = json.loads(path.read_text())
+    if record.get("treatment") == _treatment(record["row"]):
+      records.append(record)
   groups: dict[tuple, list] = {}
   for r in records:
     groups.setdefault((r["target"], r["label"]), []).append(r)
-  lines = ["| FLOPs kept | method | seeds | BOPs | BOPs ratio | pruned, before fine-tuning "
-           "(test) | final test accuracy (mean ± std) | wall (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| FLOPs kept | method | seeds | FLOPs ratio | BOPs | BOPs ratio | pruned, before "
+           "fine-tuning (test) | final test accuracy (mean ± std) | wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   points = []
-  for (target, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+  for (target, label), rs in groups.items():
     acc = np.array([r["final_test_accuracy"] for r in rs])
     bops = float(np.mean([r["bops"] for r in rs]))
     spread = float(acc.std(ddof=1)) if len(rs) > 1 else 0.0
-    lines.append(f"| {target:.0%} | {label} | {len(rs)} | {bops / 1e9:.3f} G | "
+    lines.append(f"| {target:.0%} | {label} | {len(rs)} | "
+                 f"{np.mean([r['flops_ratio'] for r in rs]):.2f}x | {bops / 1e9:.3f} G | "
                  f"{np.mean([r['bops_ratio'] for r in rs]):.1f}x | "
                  f"{np.mean([r['pruned_test_accuracy'] for r in rs]):.4f} | "
                  f"{acc.mean():.4f}{f' ± {spread:.4f}' if len(rs) > 1 else ' (1 seed)'} | "
@@ -122,8 +183,8 @@ def summarize() -> str:
     base = records[0]
     plot_accuracy_vs_bops(str(OUT / "accuracy_vs_bops.png"), points,
                           {"bops": base["bops_full"], "accuracy": base["baseline_test_accuracy"]},
-                          "ResNet-20 CIFAR-10, accuracy on the baseline's 5,000 held-out images "
-                          "(error bar: std over seeds)")
+                          f"ResNet-20 CIFAR-10, accuracy on {fair_data.TEST_IMAGES:,} of the "
+                          f"baseline's held-out images (error bar: std over seeds)")
   text = "\n".join(lines) + "\n"
   (OUT / "fair.md").write_text(text)
   return text
@@ -134,7 +195,11 @@ def main(argv=None) -> int:
   parser.add_argument("--rows", default="", help="comma-separated rows, e.g. t45-l1-unit")
   parser.add_argument("--summarize", action="store_true")
   args = parser.parse_args(argv)
-  for row in filter(None, args.rows.split(",")):
+  # Every row compiles the same programs: compile each once for the whole grid.
+  jax.config.update("jax_compilation_cache_dir", str(ROOT / "runs" / "compress" / "jax-cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  rows = grid() if args.rows == "grid" else args.rows.split(",")
+  for row in filter(None, rows):
     print(json.dumps(run_row(row)), flush=True)
   if args.summarize:
     print(summarize())

@@ -18,7 +18,7 @@ CRITERIA = ("rank", "l1", "l2", "bn_gamma")
 # refused, or reruns from the first affected stage with --restart-from. The fields in
 # no stage (workdir, resume, restart_from, progress) may change.
 STAGE_FIELDS = {
-    "baseline": ("checkpoint", "data", "batch_size"),
+    "baseline": ("checkpoint", "data", "val_size", "batch_size"),
     "filter_property": ("criterion", "fp_point", "fp_batches", "fp_batch_size", "seed"),
     "genes": ("evolution", "population", "sample", "generations", "children", "tau_hat",
               "mutation_rate", "search_val_size", "strategy", "target", "metric", "safeguard",
@@ -53,6 +53,7 @@ class CompressConfig:
   checkpoint: str = option("embedded", "workdir (or checkpoints folder) of the `picpq train` run to compress; 'embedded': the pretrained CIFAR-10 ResNet-20 that ships in the package", flags=("--from",))
   workdir: str = option("runs/compress", "where every stage's output, checkpoints and the report go", may_change=True)
   data: str = option("", "training data (default: the data the checkpoint was trained on, same validation split)")
+  val_size: int | None = option(None, "validation images carved from the training data (default: the checkpoint's val_size, i.e. its own validation split); nothing is chosen on them, they are reported")
   target: float = option(0.45, "fraction of the metric to keep after pruning (0.45 removes 55% of FLOPs)")
   metric: str = option("flops", "budget metric: flops (MACs), params or bops")
   allocation: str = option("global", "how pruning and bits are spread: global (PIC: all channels ranked together, bits from each layer's sparsity) or uniform (the baseline: every group keeps the same fraction, every quantized conv gets --uniform-bits)")
@@ -93,6 +94,8 @@ class CompressConfig:
   def __post_init__(self):
     if not self.checkpoint:
       raise UserError("--from is required: pass the workdir of a `picpq train` run")
+    check(self.val_size is None or self.val_size >= 0, "val_size", self.val_size,
+          "an integer >= 0, or leave it out for the checkpoint's")
     check(0.0 < self.target <= 1.0, "target", self.target, "(0, 1]")
     check(self.metric in METRICS, "metric", self.metric, " or ".join(METRICS))
     check(self.allocation in ALLOCATIONS, "allocation", self.allocation, " or ".join(ALLOCATIONS))

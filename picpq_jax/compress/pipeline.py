@@ -259,12 +259,17 @@ def _plan(config, arch, structure, variables, fp, genes) -> dict:
   return {**_flat(pruned.masks, "masks"), **_flat(quant, "quant")}
 
 
+def val_size(config: CompressConfig, train_meta: dict) -> int:
+  """Validation images carved from the data: ``--val-size``, else the checkpoint's."""
+  return train_meta["val_size"] if config.val_size is None else config.val_size
+
+
 def _train_config(config: CompressConfig, train_meta: dict, data: str, name: str,
                   epochs: int) -> TrainConfig:
   return TrainConfig(
       arch=train_meta["arch"], data=data, image_size=train_meta.get("image_size"),
       augment=train_meta.get("augment", "cifar"), workdir=os.path.join(config.workdir, name),
-      val_size=train_meta["val_size"], epochs=epochs, batch_size=config.batch_size,
+      val_size=val_size(config, train_meta), epochs=epochs, batch_size=config.batch_size,
       lr=config.lr, schedule="multistep", momentum=0.9, weight_decay=config.weight_decay,
       seed=config.seed, checkpoint_every=500,
       resume=engine.workdir.holds_run(os.path.join(config.workdir, name)),
@@ -366,7 +371,8 @@ def run_compress(config: CompressConfig, print_fn: Callable[[str], None] = print
   dataset = pdata.load_dataset(data, split="train", cache_dir=train_meta.get("cache_dir"),
                                image_size=train_meta.get("image_size"),
                                center_crop=pdata.EVAL_CENTER_CROP[augment_name])
-  train_set, val = pdata.train_val_split(dataset, train_meta["val_size"], train_meta["seed"])
+  train_set, val = pdata.train_val_split(dataset, val_size(config, train_meta),
+                                         train_meta["seed"])
   test = load_test_split(data, train_meta)
   num_classes = len(meta["class_names"])
   model = models.get_model(arch, num_classes=num_classes)

@@ -12,7 +12,8 @@ from picpq_jax import data as pdata
 from picpq_jax import models
 from picpq_jax.compress import bits as bits_lib
 from picpq_jax.compress.config import CompressConfig
-from picpq_jax.compress.pipeline import search_split
+from picpq_jax.compress.pipeline import search_split, val_size
+from picpq_jax.errors import UserError
 from picpq_jax.models.quantizer import FullPrecision
 
 
@@ -67,3 +68,11 @@ def test_search_split_is_carved_from_training_data_disjoint_from_validation():
   assert key(search) | key(rest) == key(train)
   # The reference's 5,000 is capped at a fifth of the training data.
   assert len(search_split(train, dataclasses.replace(config, search_val_size=5000))[1]) == 32
+
+
+def test_val_size_defaults_to_the_checkpoints_and_can_be_smaller():
+  meta = {"val_size": 5000}
+  assert val_size(CompressConfig(checkpoint="x"), meta) == 5000
+  assert val_size(CompressConfig(checkpoint="x", val_size=500), meta) == 500
+  with pytest.raises(UserError, match="--val-size=-1"):
+    CompressConfig(checkpoint="x", val_size=-1)
