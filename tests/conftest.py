@@ -12,8 +12,9 @@ import pytest
 # imported and inherited by the CLI subprocesses the tests start (SIGTERM/kill -9 and
 # multi-device checks): a program the suite compiled once is loaded, not compiled
 # again, in later tests and in subprocesses. Cached executables are the compiled ones,
-# so numerics do not change; tests that count compilations count traces, or count a
-# cache hit as a compilation. An explicit JAX_COMPILATION_CACHE_DIR is respected.
+# so numerics do not change; tests that count compilations count traces, or JAX's
+# backend_compile events, which a load from the cache reports too (checked with jax
+# 0.10.2). An explicit JAX_COMPILATION_CACHE_DIR is respected.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = tempfile.mkdtemp(prefix="picpq-jax-tests-xla-cache-")
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
