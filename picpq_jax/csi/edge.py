@@ -26,13 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
 from picpq_jax.compress.cost_model import full_masks, layer_costs
 from picpq_jax.compress.quantizers import LSQ, calibrate_lsq
 from picpq_jax.csi.models import SAMPLE_SHAPE, get_csi_model
 from picpq_jax.csi.pipeline import mse
+from picpq_jax.csi.run import ADAM  # lr 1: the learning rate scales each update
 from picpq_jax.errors import UserError
 from picpq_jax.federated.steps import PartState, apply_update
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS
@@ -120,9 +120,6 @@ def finetune_encoder(encoder: nn.Module, decoder: nn.Module, enc_vars: dict, dec
     part, _ = step(part, consts, dec_vars, jnp.asarray(x[rng.integers(0, len(x), batch_size)]),
                    jnp.float32(lr))
   return part.variables(consts)
-
-
-ADAM = optax.adam(1.0)  # the learning rate scales each update (federated.steps.apply_update)
 
 
 @functools.lru_cache(maxsize=8)

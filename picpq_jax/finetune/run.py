@@ -214,8 +214,7 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
   zo = config.method == "mezo"
   step_data, loss_fn = train_tok, _classifier_loss(model)
   if zo and config.zo_part == "head":  # the encoder is frozen: embed the examples once
-    step_data, loss_fn = heads.embedded_loss(model, params, train_tok,
-                                                 config.head_l2)
+    step_data, loss_fn = heads.embedded_loss(model, params, train_tok, config.head_l2)
   method = build_method(config.zo_part if zo else config.method, config)
   frozen, trainable = method.init(k_method, params)
   del params, pre
