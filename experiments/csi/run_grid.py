@@ -85,25 +85,36 @@ def measure(arch, cr, batch):
 
 
 def round_model(arch, cr, times, variables_shapes):
-  """Modelled seconds per round for each method and S = 1, 2, 4 stages."""
+  """Modelled seconds per round for each method and S = 1, 2, 4 stages.
+
+  ``split_S{S}``: stages cut by :func:`decoder_stages` (balanced counted MACs, what the
+  pipeline runs); ``split_S2_by_count``: the earlier cut by piece count (2 pieces each);
+  ``split_S2_by_time``: balanced by the measured times (the best any cut can do).
+  """
   c = COMMON
-  out = {}
+  out, spans_of = {}, {}
+  decoder = get_csi_model(arch, cr).decoder
   pieces = len(times["piece_forward"])
+  piece_s = [f + b for f, b in zip(times["piece_forward"], times["piece_backward"])]
   split_t = traffic.split_traffic(codeword_size(cr), c["batch_size"], c["local_steps"], 32,
                                   c["target_bits"])
-  for stages in (1, 2, 4):
-    spans = decoder_stages(get_csi_model(arch, cr).decoder, stages)
+  cuts = [(f"split_S{s}", s, None) for s in (1, 2, 4)]
+  cuts += [("split_S2_by_count", 2, (1,) * pieces), ("split_S2_by_time", 2, piece_s)]
+  for name, stages, costs in cuts:
+    spans = decoder_stages(decoder, stages, codeword_size(cr), costs)
     f = tuple(sum(times["piece_forward"][a:b]) for a, b in spans)
     b = tuple(sum(times["piece_backward"][a:b]) for a, b in spans)
     timing = traffic.Timing(times["ue_forward"], times["ue_backward"], times["ue_step"], f, b)
     method = "split" if stages == 1 else "pipeline"
-    out[f"split_S{stages}"] = traffic.round_time(method, timing, split_t, c["ues"],
-                                                 c["local_steps"], UPLINK_BPS, DOWNLINK_BPS)
+    out[name] = traffic.round_time(method, timing, split_t, c["ues"],
+                                   c["local_steps"], UPLINK_BPS, DOWNLINK_BPS)
+    out[name]["spans"] = [list(span) for span in spans]
   timing = traffic.Timing(times["ue_forward"], times["ue_backward"], times["ue_step"],
                           (0.0,) * pieces, (0.0,) * pieces)
   out["fedavg"] = traffic.round_time("fedavg", timing,
                                      traffic.fedavg_traffic(traffic.exchanged(variables_shapes)),
                                      c["ues"], c["local_steps"], UPLINK_BPS, DOWNLINK_BPS)
+  out["fedavg"]["spans"] = []
   return out
 
 
@@ -130,10 +141,11 @@ def render(grid):
     rm = g["round_model"]
     lines += ["", "Round-time model (s per round; per-stage times measured here, "
               f"{UPLINK_BPS / 1e6:.0f} Mbit/s up, {DOWNLINK_BPS / 1e6:.0f} Mbit/s down per UE):", "",
-              "| | total | UE | links | BTS | of which bubble |", "|---|---|---|---|---|---|"]
+              "| | stages (pieces) | total | UE | links | BTS | of which bubble |",
+              "|---|---|---|---|---|---|---|"]
     for k, v in rm.items():
-      lines.append(f"| {k} | {v['total']:.4f} | {v['ue']:.4f} | {v['link']:.4f} | "
-                   f"{v['bts']:.4f} | {v['bubble']:.4f} |")
+      lines.append(f"| {k} | {v.get('spans', '')} | {v['total']:.4f} | {v['ue']:.4f} | "
+                   f"{v['link']:.4f} | {v['bts']:.4f} | {v['bubble']:.4f} |")
     lines.append("")
   with open(os.path.join(HERE, "results", "grid.md"), "w") as f:
     f.write("\n".join(lines))
@@ -148,9 +160,21 @@ def main():
   parser.add_argument("--pipeline-for", default="",
                       help="configs that also train the pipelined method (equal to split by "
                       "test; its round-time numbers are modelled for every config)")
+  parser.add_argument("--model-only", action="store_true",
+                      help="recompute the round-time model of the configs in grid.json from "
+                      "their stored per-piece times (no training, no timing)")
   args = parser.parse_args()
   out_path = os.path.join(HERE, "results", "grid.json")
   grid = json.load(open(out_path)) if os.path.exists(out_path) else {}
+  if args.model_only:
+    for item, g in grid.items():
+      arch, cr = item.split(":")
+      model = get_csi_model(arch, int(cr))
+      shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
+      g["round_model"] = round_model(arch, int(cr), g["times"], shapes)
+    json.dump(grid, open(out_path, "w"), indent=1)
+    render(grid)
+    return
   for item in args.configs.split(","):
     arch, cr = item.split(":")
     methods = args.methods + (",pipeline" if item in args.pipeline_for.split(",") else "")

@@ -43,8 +43,9 @@ What was chosen where the papers and reference code are silent:
    unit-scale output (``init_csi_variables``; CRNet keeps its draw: the same
    treatment of its output-scale layers stalled it at 0 dB, measured).
 7. Decoder stages: the pieces ``fc`` + blocks (CsiNet: fc, refine1, refine2, out;
-   CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S)`` gives ``S``
-   consecutive spans, earlier stages taking the extra piece.
+   CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S, M)`` gives ``S``
+   consecutive spans whose costliest stage (counted MACs, ``piece_macs``) costs least:
+   GPipe runs at the pace of its slowest stage.
 8. Training (the split paper is silent): MSE loss on [0, 1] and Adam (CsiNet's);
    the loss is taken at the BTS, so in the split methods a UE uploads the CSI its
    codewords encode as the training target (as split learning uploads labels),
@@ -71,8 +72,8 @@ _EXPORTS = {
     "metrics": ("nmse_db", "nmse_per_sample", "rho", "rho_per_sample", "to_db"),
     "models": ("ARCHITECTURES", "COMPRESSION_RATIOS", "CRBlock", "CRNetDecoder",
                "CRNetEncoder", "CsiAutoencoder", "CsiNetDecoder", "CsiNetEncoder",
-               "RefineNet", "codeword_size", "decoder_stages", "get_csi_model", "stage_variables",
-               "init_csi_variables", "layer_macs"),
+               "RefineNet", "codeword_size", "decoder_stages", "get_csi_model", "piece_macs",
+               "stage_variables", "init_csi_variables", "layer_macs"),
     "quadriga": ("UeScenario", "generate", "ue_scenarios"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -21,8 +21,8 @@ Decoder stages. Every decoder is a sequence of :meth:`pieces` (``fc``, then
 blocks, the sigmoid inside the last one) and takes a static ``span`` field as the
 library's models do (:data:`~picpq_jax.models.layers.Span`): ``span=(a, b)`` runs
 pieces ``a <= i < b`` and creates only their variables. :func:`decoder_stages`
-cuts a decoder into ``S`` consecutive spans, so a pipelined BTS runs stage ``s``
-as ``decoder.clone(span=spans[s])`` on :func:`stage_variables` of the decoder's. Piece 0 maps ``[N, M] -> [N, 32, 32, 2]``;
+cuts a decoder into ``S`` consecutive spans of balanced cost (counted MACs), so a
+pipelined BTS runs stage ``s`` as ``decoder.clone(span=spans[s])`` on :func:`stage_variables` of the decoder's. Piece 0 maps ``[N, M] -> [N, 32, 32, 2]``;
 every later piece maps ``[N, 32, 32, 2] -> [N, 32, 32, 2]``, so all inter-stage
 activations after the first have one shape.
 """
@@ -30,7 +30,8 @@ activations after the first have one shape.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import itertools
+from typing import Callable, Sequence
 
 import chex
 import flax.core
@@ -42,6 +43,7 @@ from picpq_jax.csi.domain import ANTENNAS, CODE_SIZE, DELAY_ROWS
 from picpq_jax.errors import UserError
 from picpq_jax.models.layers import QConv, QDense, Span, batch_norm, in_span
 from picpq_jax.models.quantizer import FullPrecision, Quantizer
+from picpq_jax.models.structure import model_structure
 
 Array = jax.Array
 SAMPLE_SHAPE = (ANTENNAS, DELAY_ROWS, 2)
@@ -282,22 +284,36 @@ def get_csi_model(arch: str, cr: int, quantizer: Quantizer = FullPrecision(),
                         decoder(quantizer, dtype))
 
 
-def decoder_stages(decoder: nn.Module, num_stages: int) -> tuple[tuple[int, int], ...]:
-  """Splits a decoder's pieces into ``num_stages`` consecutive, nearly equal spans.
+def piece_macs(decoder: nn.Module, codeword: int) -> tuple[int, ...]:
+  """Multiply-accumulates per sample of each of ``decoder.pieces()``, from the library's
+  cost model (:func:`~picpq_jax.models.structure.model_structure`: every conv and
+  dense layer, summed by the piece its variables sit under); ``codeword``: ``M``."""
+  per_piece = dict.fromkeys(decoder.pieces(), 0)
+  for layer in model_structure(decoder.clone(span=None), (codeword,)).layers:
+    per_piece[layer.name.split("/")[0]] += layer.macs
+  return tuple(per_piece.values())
 
-  Earlier stages get the extra piece when the count does not divide evenly, e.g. 4
-  pieces in 3 stages -> ``((0, 2), (2, 3), (3, 4))``. Static: call it on an unbound
-  decoder. Raises a UserError for fewer than 1 or more stages than pieces.
+
+def decoder_stages(decoder: nn.Module, num_stages: int, codeword: int,
+                   costs: Sequence[float] | None = None) -> tuple[tuple[int, int], ...]:
+  """Cuts a decoder's pieces into ``num_stages`` consecutive spans of balanced cost.
+
+  Of all cuts into ``num_stages`` non-empty spans, the one whose costliest stage costs
+  least (the pipeline's pace: GPipe ticks at its slowest stage); ties go to the first
+  cut in lexicographic order. ``costs``: one number per piece, e.g. measured seconds;
+  default :func:`piece_macs` at codeword size ``codeword``. E.g. CRNet at CR 4
+  (MACs fc 1,048,576, head 102,400, crblocks 1,383,424 each) in 2 stages ->
+  ``((0, 3), (3, 4))``. Static: call it on an unbound decoder. Raises a UserError for
+  fewer than 1 or more stages than pieces.
   """
   n = len(decoder.pieces())
   if not 1 <= num_stages <= n:
     raise UserError(f"{num_stages} pipeline stages for a decoder of {n} pieces "
                     f"({', '.join(decoder.pieces())}): use 1 to {n} stages")
-  base, extra = divmod(n, num_stages)
-  bounds = [0]
-  for s in range(num_stages):
-    bounds.append(bounds[-1] + base + (s < extra))
-  return tuple(zip(bounds[:-1], bounds[1:]))
+  costs = piece_macs(decoder, codeword) if costs is None else tuple(costs)
+  cuts = (((0, *c), (*c, n)) for c in itertools.combinations(range(1, n), num_stages - 1))
+  best = min(cuts, key=lambda ab: max(sum(costs[a:b]) for a, b in zip(*ab)))
+  return tuple(zip(*best))
 
 
 def stage_variables(variables: dict, decoder: nn.Module,

@@ -72,7 +72,7 @@ def _pipelined_loss(decoder: nn.Module, num_stages: int, params: Any, codewords:
   ``stages`` when ``num_stages > 1``; returns this device's ``(loss, stats)`` (the
   loss is nonzero on the last stage only, the stats updated for its own stage only).
   """
-  spans = decoder_stages(decoder, num_stages)
+  spans = decoder_stages(decoder, num_stages, codewords.shape[-1])
   fns = _stage_fns(decoder, spans)
   n = codewords.shape[0]
   s = lax.axis_index(STAGES) if num_stages > 1 else 0
@@ -118,7 +118,7 @@ def bts_loss_and_grads(decoder: nn.Module, num_stages: int, params: Any, stats: 
       argnums=(0, 1), has_aux=True)(params, codewords)
   if num_stages == 1:
     return loss, g_params, stats, g_cw
-  owner = _owner(decoder, decoder_stages(decoder, num_stages))
+  owner = _owner(decoder, decoder_stages(decoder, num_stages, codewords.shape[-1]))
   s = lax.axis_index(STAGES)
   stats = {k: jax.tree.map(lambda a: jnp.where(s == owner[k], a, 0), v) for k, v in stats.items()}
   return lax.psum((loss, g_params, stats, g_cw), STAGES)

@@ -66,7 +66,7 @@ def check_model(config: CsiConfig):
   codeword_size(config.cr)
   model = get_csi_model(config.arch, config.cr)
   if "pipeline" in config.method_list:
-    decoder_stages(model.decoder, config.stages)
+    decoder_stages(model.decoder, config.stages, codeword_size(config.cr))
   return model
 
 

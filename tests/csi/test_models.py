@@ -84,7 +84,7 @@ def test_decoder_stages_compose_to_the_whole_decoder(arch, stages):
   v = variables(arch, 16)
   dec = decoder_part(v)
   z = jax.random.normal(jax.random.key(2), (2, 128))
-  spans = csi.decoder_stages(model.decoder, stages)
+  spans = csi.decoder_stages(model.decoder, stages, 128)
   assert spans[0][0] == 0 and spans[-1][1] == 4 and len(spans) == stages
   h, merged = z, {}
   for span in spans:
@@ -100,12 +100,29 @@ def test_decoder_stages_compose_to_the_whole_decoder(arch, stages):
   assert jax.tree.structure(merged) == jax.tree.structure(dec)
 
 
-def test_stage_split_is_balanced_and_bounded():
-  dec = csi.CsiNetDecoder()
-  assert csi.decoder_stages(dec, 3) == ((0, 2), (2, 3), (3, 4))
+# MACs per sample counted by hand from the layer lists in the models' docstrings
+# (32 x 32 output positions times kernel entries; fc: M x 2048).
+FC = 512 * 2048  # CR 4
+REFINE = 1024 * 9 * (2 * 8 + 8 * 16 + 16 * 2)
+CRBLOCK = 1024 * (9 * 2 * 7 + 9 * 7 * 7 + 9 * 7 * 7 + 5 * 2 * 7 + 5 * 7 * 7 + 14 * 2)
+
+
+def test_stages_are_cut_where_the_counted_macs_balance():
+  csinet, crnet = csi.CsiNetDecoder(), csi.CRNetDecoder()
+  assert csi.piece_macs(csinet, 512) == (FC, REFINE, REFINE, 1024 * 9 * 2 * 2)
+  assert csi.piece_macs(crnet, 512) == (FC, 1024 * 25 * 2 * 2, CRBLOCK, CRBLOCK)
+  # CRNet: fc + head + crblock1 (2.53M) | crblock2 (1.38M); by piece count it was
+  # fc + head (1.15M) | both crblocks (2.77M)
+  assert csi.decoder_stages(crnet, 2, 512) == ((0, 3), (3, 4))
+  assert csi.decoder_stages(csinet, 2, 512) == ((0, 2), (2, 4))  # 2.67M | 1.66M
+  assert csi.decoder_stages(csinet, 3, 512) == ((0, 1), (1, 2), (2, 4))  # max 1.66M
+  assert csi.decoder_stages(csinet, 4, 512) == ((0, 1), (1, 2), (2, 3), (3, 4))
+  # given costs (e.g. measured seconds) replace the count
+  assert csi.decoder_stages(crnet, 2, 512, (1, 1, 1, 5)) == ((0, 3), (3, 4))
+  assert csi.decoder_stages(crnet, 2, 512, (5, 1, 1, 1)) == ((0, 1), (1, 4))
   for bad in (0, 5):
     with pytest.raises(UserError, match="pipeline stages"):
-      csi.decoder_stages(dec, bad)
+      csi.decoder_stages(csinet, bad, 512)
 
 
 @pytest.mark.parametrize("cr", [3, 0, 4096, 2.0])
