@@ -9,12 +9,13 @@ Also writes two references computed in numpy: the NMSE of predicting 0.5 (the me
 bound a linear encoder/decoder could reach. Usage::
 
   PYTHONPATH=. python experiments/csi/plateau.py \
-      --runs csinet:4:3e-3:16:1000:1,csinet:4:3e-3:16:1000:0.01
+      --runs csinet:4:3e-3:16:1000:drawn,csinet:4:3e-3:16:1000:quiet
 
-A run is ``arch:cr:lr:batch:steps:output_scale`` (``output_scale``: of the decoder's
-output kernel at init, :func:`picpq_jax.csi.models.init_csi_variables`); results
-append to ``--out`` under that key. The settings chosen here (the output scale) are
-used by ``run_grid.py`` on data of another seed, so its test set was not seen here.
+A run is ``arch:cr:lr:batch:steps:start`` (``start``: ``drawn``, the default draw, or
+``quiet``, the decoder's quiet start, :func:`picpq_jax.csi.models.init_csi_variables`);
+results append to ``--out`` under that key. The settings chosen here (the quiet
+starts) are used by ``run_grid.py`` on data of another seed, so its test set was not
+seen here.
 """
 
 import argparse
@@ -44,10 +45,10 @@ def pca_nmse_db(train: np.ndarray, test: np.ndarray, k: int) -> float:
   return float(10 * np.log10(np.mean(np.sum((b - rec) ** 2, 1) / np.sum(b ** 2, 1))))
 
 
-def train(arch, cr, lr, batch, steps, output_scale, train_x, test_x, eval_every, seed=0):
+def train(arch, cr, lr, batch, steps, start, train_x, test_x, eval_every, seed=0):
   """Returns the NMSE curve ``[(step, dB, loss)]`` and the median step time (s)."""
   model = get_csi_model(arch, cr)
-  variables = init_csi_variables(model, jax.random.key(seed), output_scale=output_scale)
+  variables = init_csi_variables(model, jax.random.key(seed), quiet=start == "quiet")
   consts = constants(variables)["model"]
   part = PartState.create(variables, ADAM)
   step = jax.jit(lambda p, x, lr: autoencoder_step(model, ADAM, p, consts, x, lr))
@@ -69,14 +70,14 @@ def train(arch, cr, lr, batch, steps, output_scale, train_x, test_x, eval_every,
       x_hat = recon(part, jnp.asarray(test_x))
       db = float(metrics.nmse_db(test_x, x_hat))
       curve.append((t, db, float(loss)))
-      print(f"{arch} cr{cr} lr{lr} b{batch} out x{output_scale} step {t}: test NMSE {db:.2f} dB, loss {float(loss):.2e}",
+      print(f"{arch} cr{cr} lr{lr} b{batch} {start} step {t}: test NMSE {db:.2f} dB, loss {float(loss):.2e}",
             flush=True)
   return curve, float(np.median(times[1:]))
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--runs", default="csinet:4:3e-3:16:1000:1,csinet:4:3e-3:16:1000:0.01")
+  p.add_argument("--runs", default="csinet:4:3e-3:16:1000:drawn,csinet:4:3e-3:16:1000:quiet")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--out", default=os.path.join(HERE, "results", "plateau.json"))
   args = p.parse_args()
@@ -88,9 +89,11 @@ def main():
       "zero_prediction_db": float(metrics.nmse_db(test_x, np.full_like(test_x, 0.5))),
       "pca_db": {cr: pca_nmse_db(train_x, test_x, codeword_size(cr)) for cr in (4, 16)}}
   for run in args.runs.split(","):
-    arch, cr, lr, batch, steps, scale = run.split(":")
+    arch, cr, lr, batch, steps, start = run.split(":")
     t0 = time.time()
-    curve, step_s = train(arch, int(cr), float(lr), int(batch), int(steps), float(scale),
+    if start not in ("drawn", "quiet"):
+      raise SystemExit(f"{run}: the last field is 'drawn' or 'quiet'")
+    curve, step_s = train(arch, int(cr), float(lr), int(batch), int(steps), start,
                           train_x, test_x, args.eval_every)
     out[run] = {"curve": curve, "step_s": step_s, "wall_s": time.time() - t0,
                 "load": os.getloadavg()}

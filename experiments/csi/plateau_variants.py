@@ -16,7 +16,7 @@ x,_=P.generate(8,320,0,workers=2,progress=False)
 tr, te = x[:, :-64].reshape(-1, 32, 32, 2), x[:, -64:].reshape(-1, 32, 32, 2)
 def run(name, arch, lr, batch, steps, modify):
   model = get_csi_model(arch, 4)
-  v = init_csi_variables(model, jax.random.key(0))
+  v = init_csi_variables(model, jax.random.key(0), quiet=False)  # as drawn, then modify
   v = modify(v)
   consts = constants(v)["model"]
   part = PartState.create(v, ADAM)

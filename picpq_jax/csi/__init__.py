@@ -37,11 +37,14 @@ What was chosen where the papers and reference code are silent:
    reconstruction; rho = 1 for a perfect reconstruction.
 6. Models: the library's initializers (not Keras' Glorot / CRNet's Xavier), CsiNet's
    convs with bias (Keras default) and CRNet's without (as its ``ConvBN``), BN with
-   PyTorch's momentum, NHWC flatten order before the dense layers. CsiNet's last
-   conv starts at 0.01 x its drawn kernel, so the untrained model outputs about 0.5
-   (the CSI's mean) and short runs learn the CSI instead of first shrinking a
-   unit-scale output (``init_csi_variables``; CRNet keeps its draw: the same
-   treatment of its output-scale layers stalled it at 0 dB, measured).
+   PyTorch's momentum, NHWC flatten order before the dense layers. A quiet start
+   (``init_csi_variables``), so the untrained model outputs about 0.5 (the CSI's
+   mean) and short runs learn the CSI instead of first shrinking a unit-scale
+   output: CsiNet's last conv at 0.01 x its drawn kernel; CRNet, whose sigmoid reads
+   the residual stream, its head's BN scale x0.1 with shift +0.3 (the stream in
+   LeakyReLU's linear part), each CRBlock's last BN scale 0 (zero-init residual) and
+   crblock2's last BN shift -0.3. As drawn, CRNet collapsed to a constant output
+   (0 dB), measured.
 7. Decoder stages: the pieces ``fc`` + blocks (CsiNet: fc, refine1, refine2, out;
    CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S, M)`` gives ``S``
    consecutive spans whose costliest stage (counted MACs, ``piece_macs``) costs least:

@@ -137,12 +137,24 @@ def test_unknown_architecture_is_a_user_error():
     csi.get_csi_model("csinet2", 4)
 
 
-def test_csinet_output_kernel_starts_quiet_and_the_rest_at_the_default_draw():
-  model = csi.get_csi_model("csinet", 16)
-  quiet = variables("csinet", 16)
-  default = csi.init_csi_variables(model, jax.random.key(0), output_scale=1.0)
-  path = ("decoder", "out", "kernel")
-  flat_q, flat_d = (dict(jax.tree_util.tree_flatten_with_path(v["params"])[0]) for v in (quiet, default))
-  key = next(k for k in flat_q if tuple(p.key for p in k) == path)
-  np.testing.assert_allclose(flat_q[key], 0.01 * flat_d[key], rtol=1e-6)
-  assert all(np.array_equal(flat_q[k], flat_d[k]) for k in flat_q if k != key)
+# The quiet start, leaf by leaf (BN scales draw 1, shifts 0): what changes, to what.
+QUIET = {"csinet": {("out", "kernel"): lambda drawn: 0.01 * drawn},
+         "crnet": {("head", "bn", "scale"): lambda d: np.full_like(d, 0.1),
+                   ("head", "bn", "bias"): lambda d: np.full_like(d, 0.3),
+                   ("crblock1", "merge_conv1x1", "bn", "scale"): np.zeros_like,
+                   ("crblock2", "merge_conv1x1", "bn", "scale"): np.zeros_like,
+                   ("crblock2", "merge_conv1x1", "bn", "bias"): lambda d: np.full_like(d, -0.3)}}
+
+
+@pytest.mark.parametrize("arch", sorted(QUIET))
+def test_quiet_start_changes_only_its_leaves_and_the_rest_is_the_default_draw(arch):
+  model = csi.get_csi_model(arch, 16)
+  quiet = variables(arch, 16)
+  default = csi.init_csi_variables(model, jax.random.key(0), quiet=False)
+  flat_q, flat_d = ({tuple(p.key for p in k): v for k, v in
+                     jax.tree_util.tree_flatten_with_path(v["params"])[0]} for v in (quiet, default))
+  changed = {("decoder", *path): f for path, f in QUIET[arch].items()}
+  assert set(changed) <= set(flat_q)
+  for k, v in flat_q.items():
+    want = changed[k](np.asarray(flat_d[k])) if k in changed else flat_d[k]
+    np.testing.assert_allclose(v, want, rtol=1e-6, atol=0)
