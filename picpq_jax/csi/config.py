@@ -33,6 +33,8 @@ class CsiConfig:
   bits: int = option(32, "bits per codeword value on the uplink: 32 = float32, 2..16 = uniform quantization")
   target_bits: int = option(32, "bits per value of the training CSI a UE uploads with its codewords (split methods) or once (centralized)")
   encoder_sync: int = option(0, "split methods: average the UEs' encoders every N rounds (0: never, each UE keeps its own)")
+  ue_bits: str = option("", "after training, quantize each split method's UE encoders with LSQ (weight bits per layer kind, e.g. 'conv=8,dense=2', or one number for both; activations stay float), fine-tune each through the frozen BTS decoder, and report cost and NMSE; empty: off")
+  ue_finetune_steps: int = option(50, "--ue-bits: fine-tune steps per UE encoder (batch --batch-size, Adam --lr); 0: post-training quantization only")
   eval_every: int = option(1, "evaluate NMSE and rho every N rounds (and after the last)", may_change=True)
   seed: int = option(0, "seed of the data, batches and initialization")
   keep_checkpoints: int = option(2, "how many recent round checkpoints to keep per method", may_change=True)
@@ -54,6 +56,11 @@ class CsiConfig:
       check(2 <= v <= 16 or v == 32, name, v, "32 (float32) or 2..16")
     check(1 <= self.test_per_ue < self.samples_per_ue, "test_per_ue", self.test_per_ue,
           f"1..{self.samples_per_ue - 1} (fewer than --samples-per-ue)")
+    check(self.ue_finetune_steps >= 0, "ue_finetune_steps", self.ue_finetune_steps,
+          "an integer >= 0")
+    if self.ue_bit_widths and not set(self.method_list) & set(SPLIT_METHODS):
+      raise UserError(f"--ue-bits quantizes the split methods' UE encoders, but --methods="
+                      f"{self.methods!r} has none: add split or pipeline to --methods")
     unknown = [m for m in self.method_list if m not in METHODS]
     if unknown or not self.method_list:
       raise UserError(f"--methods={self.methods!r}: unknown {', '.join(unknown) or 'empty'}; "
@@ -63,6 +70,24 @@ class CsiConfig:
   def method_list(self) -> tuple[str, ...]:
     """``methods`` as a tuple of names."""
     return tuple(m.strip() for m in self.methods.split(",") if m.strip())
+
+  @property
+  def ue_bit_widths(self) -> dict[str, int] | None:
+    """``ue_bits`` as ``{"conv": bits, "dense": bits}``, or None when empty."""
+    if not self.ue_bits.strip():
+      return None
+    fix = "use e.g. --ue-bits conv=8,dense=2 or --ue-bits 8 (bits 2..16)"
+    items = [i.strip() for i in self.ue_bits.split(",")]
+    try:
+      if len(items) == 1 and "=" not in items[0]:
+        widths = dict.fromkeys(("conv", "dense"), int(items[0]))
+      else:
+        widths = {k.strip(): int(v) for k, v in (i.split("=") for i in items)}
+    except ValueError:
+      raise UserError(f"--ue-bits={self.ue_bits!r} is not 'conv=N,dense=N' or 'N': {fix}") from None
+    if set(widths) != {"conv", "dense"} or not all(2 <= b <= 16 for b in widths.values()):
+      raise UserError(f"--ue-bits={self.ue_bits!r} needs conv and dense bits in 2..16: {fix}")
+    return widths
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from picpq_jax.compress.cost_model import full_masks, layer_costs
 from picpq_jax.compress.quantizers import LSQ, calibrate_lsq
 from picpq_jax.csi.models import SAMPLE_SHAPE, get_csi_model
 from picpq_jax.csi.pipeline import mse
-from picpq_jax.csi.run import ADAM  # lr 1: the learning rate scales each update
+from picpq_jax.csi.methods import ADAM  # lr 1: the learning rate scales each update
 from picpq_jax.errors import UserError
 from picpq_jax.federated.steps import PartState, apply_update
 from picpq_jax.models.quantizer import FULL_PRECISION_BITS

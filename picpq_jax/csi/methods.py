@@ -55,6 +55,8 @@ from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.quantize import quantize_message
 from picpq_jax.federated.steps import PartState, apply_update
 
+ADAM = optax.adam(1.0)  # the learning rate scales each update (see federated.steps)
+
 Array = jax.Array
 
 

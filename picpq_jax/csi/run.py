@@ -4,8 +4,9 @@ Flat, top to bottom: check the options against the model (before anything is
 written), load or generate the per-UE CSI and hold out each UE's last samples as its
 test set, then train each requested method for ``rounds`` rounds on the run engine
 (a checkpoint per round, exact resume), evaluating NMSE and rho on the test set and
-counting each UE's bytes every round, and finally write ``results.json``,
-``report.md`` and ``plot.png``.
+counting each UE's bytes every round; with ``--ue-bits``, quantize every split
+method's trained UE encoders (also on the engine, one step per UE); and finally write
+``results.json``, ``report.md`` and ``plot.png``.
 
 Every random draw derives from ``config.seed`` and the round number (the data, each
 UE's batches, the initialization), so a resumed run repeats an uninterrupted one.
@@ -22,12 +23,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from picpq_jax import engine
 from picpq_jax.csi import metrics, methods, traffic
-from picpq_jax.csi.config import CsiConfig
+from picpq_jax.csi.config import SPLIT_METHODS, CsiConfig
 from picpq_jax.csi.domain import frequency_response
 from picpq_jax.csi.models import codeword_size, decoder_stages, get_csi_model, init_csi_variables
 from picpq_jax.errors import UserError
@@ -35,7 +35,7 @@ from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.partition import client_batch_indices
 from picpq_jax.utils import format_table, is_primary, plot_rounds_and_bytes, write_atomic
 
-ADAM = optax.adam(1.0)  # the learning rate scales each update (see federated.steps)
+ADAM = methods.ADAM
 LABELS = {"centralized": "Centralized", "fedavg": "FedAvg (whole autoencoder)",
           "split": "Split (own encoders)", "pipeline": "Split + BTS pipeline"}
 
@@ -135,9 +135,67 @@ def train_method(config: CsiConfig, method: str, model, variables: dict, train: 
                      batches=itertools.count, step=step, keep=c.keep_checkpoints,
                      meta={"method": method, "arch": c.arch, "cr": c.cr}, label=method,
                      unit="round")
-  outcome = engine.run_task(task, os.path.join(os.path.abspath(c.workdir), method),
-                            resume=resume, progress=c.progress, stop_at=stop_after_round)
-  return summarize(method, c, outcome.records)
+  directory = os.path.join(os.path.abspath(c.workdir), method)
+  outcome = engine.run_task(task, directory, resume=resume, progress=c.progress,
+                            stop_at=stop_after_round)
+  summary = summarize(method, c, outcome.records)
+  if c.ue_bit_widths and method in SPLIT_METHODS and outcome.step == c.rounds:
+    summary["ue_compression"] = compress_ues(c, model, variables, outcome.state, train, test,
+                                             directory, resume)
+  return summary
+
+
+def compress_ues(config: CsiConfig, model, variables: dict, state: methods.CsiState,
+                 train: np.ndarray, test: np.ndarray, directory: str, resume: bool) -> dict:
+  """PIC-PQ on the UE side (``--ue-bits``), on the engine: one step per UE.
+
+  Step ``u`` quantizes UE ``u``'s trained encoder with LSQ at the conv/dense weight
+  bits (:func:`~picpq_jax.csi.edge.quantize_encoder`, calibrated on its training CSI),
+  tests it through the BTS decoder, fine-tunes it for ``ue_finetune_steps`` steps
+  through the frozen decoder (:func:`~picpq_jax.csi.edge.finetune_encoder`) and tests
+  again; the state holds every UE's quantized variables (checkpointed per UE). Returns
+  the encoder's cost (:func:`~picpq_jax.csi.edge.encoder_cost`) float and quantized, and
+  NMSE/rho over all UEs' test samples after quantization and after the fine-tune.
+  """
+  from picpq_jax.csi import edge
+  c, bits = config, config.ue_bit_widths
+  consts = methods.constants(variables)
+  encs, dec = methods.ue_variables("split", state, c.ues)
+  dec = {**consts["decoder"], **dec}
+  one = lambda u: {**consts["encoder"], **jax.tree.map(lambda a: a[u], encs)}
+  quantize = lambda u: edge.quantize_encoder(c.arch, c.cr, one(u), bits["dense"],
+                                             jnp.asarray(train[u]), conv_w_bits=bits["conv"])
+  encoder, first = quantize(0)
+  init = jax.tree.map(lambda a: jnp.stack([a] * c.ues), first)
+
+  def measure(enc_vars, u):
+    x_hat = edge.reconstruct(encoder, model.decoder, enc_vars, dec, jnp.asarray(test[u]))
+    hf = frequency_response(test[u])
+    return (float(jnp.sum(metrics.nmse_per_sample(test[u], x_hat))),
+            float(jnp.sum(metrics.rho_per_sample(hf, x_hat))))
+
+  def step(stacked, u, index):
+    del index  # = u
+    _, ptq = quantize(u)
+    tuned = edge.finetune_encoder(encoder, model.decoder, ptq, dec, train[u],
+                                  c.ue_finetune_steps, c.batch_size, c.lr, seed=c.seed + u)
+    stacked = jax.tree.map(lambda a, b: a.at[u].set(b), stacked, tuned)
+    (ptq_nmse, ptq_rho), (nmse, rho) = measure(ptq, u), measure(tuned, u)
+    return stacked, {"ue": u, "samples": len(test[u]), "ptq_nmse_sum": ptq_nmse,
+                     "ptq_rho_sum": ptq_rho, "nmse_sum": nmse, "rho_sum": rho}
+
+  task = engine.Task(init=lambda: init, template=init, total=c.ues, batches=itertools.count,
+                     step=step, keep=c.keep_checkpoints, label="UE encoders", unit="UE",
+                     meta={"ue_bits": bits, "finetune_steps": c.ue_finetune_steps})
+  records = engine.run_task(task, os.path.join(directory, "ue_compression"), resume=resume,
+                            progress=c.progress).records
+  records = [r for r in records if "ue" in r]
+  n = sum(r["samples"] for r in records)
+  total = lambda key: sum(r[key] for r in records) / n
+  return {"bits": bits, "finetune_steps": c.ue_finetune_steps,
+          "float_cost": edge.encoder_cost(encoder), "cost": edge.encoder_cost(encoder, first["quant"]),
+          "ptq": {"nmse_db": float(metrics.to_db(total("ptq_nmse_sum"))), "rho": total("ptq_rho_sum")},
+          "finetuned": {"nmse_db": float(metrics.to_db(total("nmse_sum"))), "rho": total("rho_sum")}}
 
 
 def summarize(method: str, config: CsiConfig, records: list[dict]) -> dict[str, Any]:
@@ -192,9 +250,28 @@ def markdown(results: dict[str, Any]) -> str:
     cells = [f"{s['curve'][i]['nmse_db']:.2f}" if i < len(s["curve"])
              and s["curve"][i]["nmse_db"] is not None else "-" for s in results["runs"].values()]
     lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+  for s in results["runs"].values():
+    if "ue_compression" in s:
+      lines += ["", *ue_compression_table(s["label"], s["nmse_db"], s["rho"], s["ue_compression"])]
   if c["plot"]:
     lines += ["", "![NMSE vs round and vs bytes](plot.png)"]
   return "\n".join(lines) + "\n"
+
+
+def ue_compression_table(label: str, nmse_db: float, rho: float, q: dict) -> list[str]:
+  """Markdown lines: a split method's UE encoder float and quantized (``--ue-bits``)."""
+  f, k = q["float_cost"], q["cost"]
+  bits = f"conv {q['bits']['conv']} / dense {q['bits']['dense']} bits"
+  return [f"UE encoders of {label}, weights quantized with LSQ ({bits}; activations float), "
+          f"fine-tuned {q['finetune_steps']} steps through the frozen decoder:", "",
+          "| UE encoder | FLOPs (MACs) | params | BOPs | bytes | NMSE (dB) | rho |",
+          "|---|---|---|---|---|---|---|",
+          f"| float32 | {f['flops']:,.0f} | {f['params']:,.0f} | {f['bops']:,.0f} | "
+          f"{f['bytes']:,.0f} | {nmse_db:.2f} | {rho:.4f} |",
+          f"| {bits}, post-training | {k['flops']:,.0f} | {k['params']:,.0f} | {k['bops']:,.0f} | "
+          f"{k['bytes']:,.0f} | {q['ptq']['nmse_db']:.2f} | {q['ptq']['rho']:.4f} |",
+          f"| {bits}, fine-tuned | {k['flops']:,.0f} | {k['params']:,.0f} | {k['bops']:,.0f} | "
+          f"{k['bytes']:,.0f} | {q['finetuned']['nmse_db']:.2f} | {q['finetuned']['rho']:.4f} |"]
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -25,6 +25,9 @@ def _mat(path, key="HT", n=24, width=2048, seed=0):
     (["--bits", "1"], "--bits=1"),
     (["--test-per-ue", "80"], "--test-per-ue=80"),
     (["--arch", "resnet"], "unknown CSI architecture"),
+    (["--ue-bits", "conv=8"], "needs conv and dense bits"),
+    (["--ue-bits", "dense=two"], "is not 'conv=N,dense=N'"),
+    (["--ue-bits", "8", "--methods", "fedavg"], "add split or pipeline"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, needle):
   workdir = tmp_path / "run"
@@ -53,7 +56,8 @@ def test_bad_mat_files_exit_2_and_write_nothing(tmp_path, capsys, make, needle):
 def test_run_resumes_to_the_same_result(tmp_path):
   data = _mat(tmp_path / "ht.mat")
   common = dict(data=data, methods="split", ues=2, samples_per_ue=12, test_per_ue=4, cr=64,
-                rounds=2, local_steps=1, batch_size=4, bits=8, progress=False, plot=False)
+                rounds=2, local_steps=1, batch_size=4, bits=8, progress=False, plot=False,
+                ue_bits="conv=16,dense=12", ue_finetune_steps=1)
   full = run_csi(CsiConfig(workdir=str(tmp_path / "a"), **common), print_fn=lambda s: None)
   run_csi(CsiConfig(workdir=str(tmp_path / "b"), **common), stop_after_round=1,
           print_fn=lambda s: None)
@@ -67,4 +71,19 @@ def test_run_resumes_to_the_same_result(tmp_path):
   assert a["bytes_per_ue_round"] == (128 + 8) + 4 * 2048 * 4 + 4 * 32 * 4
   saved = json.loads((tmp_path / "b" / "results.json").read_text())
   assert saved["runs"]["split"]["nmse_db"] == b["nmse_db"]
-  assert (tmp_path / "b" / "report.md").read_text().count("| Split (own encoders) |") == 1
+  report = (tmp_path / "b" / "report.md").read_text()
+  assert report.count("| Split (own encoders) |") == 1
+  # --ue-bits: after training, every UE encoder quantized (and tuned) on the engine
+  assert a["ue_compression"] == b["ue_compression"]
+  q = b["ue_compression"]
+  # CsiNet CR 64 encoder by hand: conv 3x3x2x2 + 2 bias, dense 2048 x 32 + 32 bias
+  conv, dense = 3 * 3 * 2 * 2 + 2, 2048 * 32 + 32
+  assert q["bits"] == {"conv": 16, "dense": 12}
+  assert q["float_cost"]["bytes"] == (conv + dense) * 4
+  assert q["cost"]["bytes"] == (conv * 16 + dense * 12) / 8
+  assert q["cost"]["bops"] == (32 * 32 * 36 * 16 + dense * 12) * 32  # activations float
+  # 12-bit weights barely move the reconstruction: NMSE and rho as the float encoder's
+  assert abs(q["ptq"]["nmse_db"] - b["nmse_db"]) < 0.05
+  assert abs(q["ptq"]["rho"] - b["rho"]) < 1e-3
+  assert "conv 16 / dense 12 bits, fine-tuned" in report
+
