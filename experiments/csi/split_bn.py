@@ -6,8 +6,10 @@ evaluates every UE's test set through its own encoder and the shared decoder thr
 ways: eval-mode batch norm (running statistics, as the run's evaluation), the
 decoder's batch norm in train mode on each UE's test batch (per-UE statistics, as
 the BTS normalizes each UE's micro-batch in training), and eval mode on the training
-set. (Result: -2.83, -2.56 and -6.58 dB: the checkpoint does not reproduce the run's
-+1.41 dB; unresolved, see experiments/csi/README.md.) Usage::
+set. (CR 4: -2.83, -2.56 and -6.58 dB. The run's +1.41 dB was wrong: its evaluation
+program computed wrong reconstructions with the encoders sharded over 'clients' on the
+2-device CPU mesh; it now runs on one device, see csi.methods.reconstruct_program.)
+Usage::
 
   PYTHONPATH=. python experiments/csi/split_bn.py --config crnet:4   # -> results/split_bn-crnet-cr4.json
 """
@@ -22,12 +24,14 @@ import numpy as np
 
 from experiments.csi.ue_compress import HERE, UES, load_split
 from picpq_jax.csi import metrics
+from picpq_jax.csi.domain import frequency_response
 from picpq_jax.csi.quadriga import generate
 
 
-def nmse_db(model, consts, enc_vars, dec_vars, data, decoder_train):
-  """NMSE (dB) over all UEs' ``data [U, N, 32, 32, 2]``, each through its own encoder."""
-  per = []
+def nmse_db(model, consts, enc_vars, dec_vars, data, decoder_train, with_rho=False):
+  """NMSE (dB) over all UEs' ``data [U, N, 32, 32, 2]``, each through its own encoder
+  (and rho when ``with_rho``)."""
+  per, rho = [], []
   for u in range(len(data)):
     enc = {**consts["encoder"], **jax.tree.map(lambda a: a[u], enc_vars)}
     cw = model.encoder.apply(enc, jnp.asarray(data[u]), train=False)
@@ -36,7 +40,9 @@ def nmse_db(model, consts, enc_vars, dec_vars, data, decoder_train):
     else:
       x_hat = model.decoder.apply(dec_vars, cw, train=False)
     per.append(metrics.nmse_per_sample(jnp.asarray(data[u]), x_hat))
-  return float(metrics.to_db(jnp.mean(jnp.concatenate(per))))
+    rho.append(metrics.rho_per_sample(frequency_response(data[u]), x_hat))
+  db = float(metrics.to_db(jnp.mean(jnp.concatenate(per))))
+  return (db, float(jnp.mean(jnp.concatenate(rho)))) if with_rho else db
 
 
 def main():
@@ -49,7 +55,7 @@ def main():
   train, test = x[:, :-64], x[:, -64:]
   model, consts, enc_vars, dec_vars, step = load_split(args.runs, arch, int(cr))
   out = {"config": args.config, "split_round": step,
-         "test_eval_bn_db": nmse_db(model, consts, enc_vars, dec_vars, test, False),
+         "test_eval_bn_db_rho": nmse_db(model, consts, enc_vars, dec_vars, test, False, True),
          "test_per_ue_batch_bn_db": nmse_db(model, consts, enc_vars, dec_vars, test, True),
          "train_eval_bn_db": nmse_db(model, consts, enc_vars, dec_vars, train, False),
          "load": os.getloadavg()}

@@ -267,4 +267,8 @@ def reconstruct_program(model) -> Callable:
   def one(enc, dec, consts, xu):
     cw = model.encoder.apply({**consts["encoder"], **enc}, xu, train=False)
     return model.decoder.apply({**consts["decoder"], **dec}, cw, train=False)
-  return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0)))
+  program = jax.jit(jax.vmap(one, in_axes=(0, None, None, 0)))
+  # On one device: with the encoders sharded over 'clients' (as the round program
+  # leaves them) this program computed wrong reconstructions on the 2-device CPU
+  # mesh (split CRNet CR 4: +1.41 dB against -2.83 dB replicated, same weights).
+  return lambda *args: program(*jax.device_get(args))
