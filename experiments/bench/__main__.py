@@ -9,6 +9,7 @@ Examples (from the repository root)::
   python -m experiments.bench --workloads convs --conv-model resnet56
   python -m experiments.bench --workloads profile --jax-variants jax.jit+materialized
   python -m experiments.bench --workloads accuracy --jax-variants jax.jit+reduce,jax.jit+bf16
+  python -m experiments.bench --workloads stages --stages-strategies map,compact
 
 Each workload writes ``<out-dir>/<workload>.json`` (see ``common.result``). PyTorch
 parts run when ``torch`` is importable, unless ``--no-torch``.
@@ -25,7 +26,9 @@ from pathlib import Path
 from experiments.bench import common
 
 WORKLOADS = ("compile", "step", "hrank", "evolution", "compact", "convs", "profile",
-             "accuracy")
+             "accuracy", "stages")
+# what runs without --workloads: "stages" runs whole compressions (minutes even --quick)
+DEFAULT_WORKLOADS = WORKLOADS[:-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +64,12 @@ class BenchConfig:
   evo_val_size: int = 128
   evo_target: float = 0.45
   evo_strategies: tuple[str, ...] = ("unroll", "vmap", "map")
+  evo_pad_to: int = 8
   # 5 compaction
   compact_model: str = "resnet56"
   compact_target: float = 0.45
   compact_pads: tuple[str, ...] = ("8",)
+  compact_chunks: tuple[str, ...] = ()
   # 6 convolution parts
   conv_model: str = "resnet56"
   conv_batch: int = 128
@@ -74,6 +79,17 @@ class BenchConfig:
   profile_batch: int = 128
   # 8 gradient accuracy
   accuracy_batch: int = 32
+  # 9 stages of a compression (the README's quick start with evolution)
+  stages_strategies: tuple[str, ...] = ("map", "compact")
+  stages_criterion: str = "rank"
+  stages_fp_batches: int = 2
+  stages_population: int = 4
+  stages_sample: int = 2
+  stages_generations: int = 2
+  stages_tau_hat: int = 2
+  stages_search_val: int = 128
+  stages_ft_epochs: int = 1
+  stages_qat_epochs: int = 1
 
 
 QUICK = dict(
@@ -82,7 +98,9 @@ QUICK = dict(
     hrank_model="resnet8", hrank_batches=2, hrank_batch_size=4, hrank_image_size=8,
     evo_model="resnet8", evo_children=2, evo_tau_hat=1, evo_batch=8, evo_val_size=8,
     evo_strategies=("map",), compact_model="resnet8", conv_model="resnet8", conv_batch=8,
-    conv_reps=1, profile_model="resnet8", profile_batch=8, accuracy_batch=8)
+    conv_reps=1, profile_model="resnet8", profile_batch=8, accuracy_batch=8,
+    stages_fp_batches=1, stages_population=2, stages_sample=1, stages_generations=1,
+    stages_tau_hat=1, stages_search_val=16, stages_ft_epochs=0, stages_qat_epochs=0)
 
 
 def _csv(kind):
@@ -115,8 +133,8 @@ def parse(argv: list[str]) -> tuple[BenchConfig, tuple[str, ...], Path]:
                                    description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
-  parser.add_argument("--workloads", type=_csv(str), default=WORKLOADS,
-                      help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
+  parser.add_argument("--workloads", type=_csv(str), default=DEFAULT_WORKLOADS,
+                      help=f"comma list of {', '.join(WORKLOADS)} (default: all but stages)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, 1 rep, resnet8 (torch.compile on the aot_eager "
                            "backend, so no Inductor compile): a smoke run of every path")
@@ -170,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()  # a process that already used the cache re-checks it
   from experiments.bench import (compacted, compile_time, conv_parts, evolution,
-                                 grad_accuracy, hrank, step_profile, step_time)
+                                 grad_accuracy, hrank, pipeline_stages, step_profile, step_time)
   modules = {"compile": compile_time, "step": step_time, "hrank": hrank,
              "evolution": evolution, "compact": compacted, "convs": conv_parts,
-             "profile": step_profile, "accuracy": grad_accuracy}
+             "profile": step_profile, "accuracy": grad_accuracy, "stages": pipeline_stages}
   written = {}
   for name in workloads:
     result = modules[name].run(cfg)

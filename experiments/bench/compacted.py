@@ -10,7 +10,10 @@ compacted model with every group padded to a multiple of each ``--compact-pads``
 odd widths such as 7 or 13 become 8 or 16), of the masked and the compacted model
 with convolution algorithms tuned per shape (``+tuned``:
 :mod:`picpq_jax.models.conv_algorithms`, tuned at each batch size before timing,
-the tuning's seconds and choices recorded), and, for ResNets with PyTorch present,
+the tuning's seconds and choices recorded), of the masked and the compacted model
+run on micro-batches of each ``--compact-chunks`` size inside one program
+(``+chunk<n>``: the chunks unrolled, so each chunk's activations may stay in the
+caches; ``+map<n>``: the same with ``lax.map``), and, for ResNets with PyTorch present,
 the eager full model against the physically pruned twin. The JSON records every
 model's MACs and the largest logit difference from the masked model.
 """
@@ -68,7 +71,9 @@ def run(cfg) -> dict:
     reference = infer_full(masked, x)
     runs = {"jax.masked": (infer_full, masked), **infers,
             **_tuned({"jax.masked+tuned": (model, masked),
-                      "jax.compacted+tuned": smalls["jax.compacted"]}, x, tuning, batch)}
+                      "jax.compacted+tuned": smalls["jax.compacted"]}, x, tuning, batch),
+            **_chunked({"jax.masked": (model, masked),
+                        "jax.compacted": smalls["jax.compacted"]}, cfg.compact_chunks, batch)}
     diffs += [float(jnp.max(jnp.abs(reference - f(v, x)))) for f, v in runs.values()]
     fns = {name: lambda x=x, f=f, v=v: jax.block_until_ready(f(v, x))
            for name, (f, v) in runs.items()}
@@ -82,6 +87,7 @@ def run(cfg) -> dict:
       print(f"compact {arch} b{batch:<4d} {name:18s} median {s['median_s']:.4f} s", flush=True)
   settings = {"model": arch, "target": cfg.compact_target, "batches": cfg.batches,
               "pads": [int(p) for p in cfg.compact_pads],
+              "chunks": [int(c) for c in cfg.compact_chunks],
               "reps": cfg.reps, "warmup": cfg.warmup}
   res = common.result("compacted", settings, rows, load_start, macs=macs,
                       max_logit_diff=max(diffs), conv_tuning=tuning)
@@ -103,6 +109,29 @@ def _tuned(models: dict, x, tuning: dict, batch: int) -> dict:
       jax.block_until_ready(infer(variables, x))
     tuning[f"{name} b{batch}"] = {"seconds": time.perf_counter() - start, "shapes": results}
     runs[name] = (infer, variables)
+  return runs
+
+
+def _chunked(models: dict, chunks, batch: int) -> dict:
+  """``{name+chunk<n> | name+map<n>: (infer, variables)}``: jitted inference of each
+  ``(model, variables)`` on ``batch // n`` micro-batches of ``n`` images, unrolled or
+  with ``lax.map`` (sizes that do not divide ``batch`` are skipped)."""
+  runs = {}
+  for n in (int(c) for c in chunks):
+    if n >= batch or batch % n:
+      continue
+    for name, (model, variables) in models.items():
+      def unrolled(v, x, m=model, n=n):
+        parts = [m.apply(v, x[i:i + n], train=False) for i in range(0, x.shape[0], n)]
+        return jnp.concatenate(parts)
+
+      def mapped(v, x, m=model, n=n):
+        chunks = x.reshape(-1, n, *x.shape[1:])
+        return jax.lax.map(lambda c: m.apply(v, c, train=False), chunks).reshape(x.shape[0], -1)
+
+      options = setups.compiler_options(None)
+      runs[f"{name}+chunk{n}"] = (jax.jit(unrolled, compiler_options=options), variables)
+      runs[f"{name}+map{n}"] = (jax.jit(mapped, compiler_options=options), variables)
   return runs
 
 

@@ -6,6 +6,10 @@ from the pretrained weights, validation loss).
   candidates, ``jax.jit(evolution.population_loss)`` with strategy ``map``,
   ``unroll`` or ``vmap``. Each timed call scores fresh genes (a new generation);
   the number of XLA compilations during the timed calls is counted (it must be 0).
+* ``jax.compact/pad<m>``: the library's ``strategy="compact"``: each candidate
+  fine-tuned and validated at its pruned size, widths padded up to multiples of
+  ``m``, programs cached by the padded widths (``evolution._compact_programs``);
+  the row counts the new width sets (cache misses) and compilations of each call.
 * ``jax.loop``: a Python loop over the candidates of jitted pieces (masks, one
   train step, one eval step), the fastest plain-JAX way.
 * ``torch.reference``: the reference's way in PyTorch: per candidate deep-copy the
@@ -17,10 +21,15 @@ from the pretrained weights, validation loss).
 
 Every variant scores the same candidates on the same batches, so the JSON records
 the largest loss difference between them (PyTorch's differs by float rounding).
+Warm-up calls (``--warmup``, may be 0) come first; the timed calls then go round
+the variants in turn, each with fresh genes, so load changes hit every variant.
+With ``--warmup 0`` the compilations are inside the timed calls, amortized over
+``tau_hat`` steps as in a real search.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -51,10 +60,12 @@ class CompileCounter:
 
   def __init__(self):
     self.count = 0
+    self.seconds = 0.0  # their summed durations
 
   def _listener(self, event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
       self.count += 1
+      self.seconds += duration
 
   def __enter__(self):
     jax.monitoring.register_event_duration_secs_listener(self._listener)
@@ -151,10 +162,15 @@ def run(cfg) -> dict:
 
   variants = {}
   for strategy in cfg.evo_strategies:
-    evaluate = compile_options.jit(functools.partial(evolution.population_loss,
-                                                     spec_for(strategy)))
-    variants[f"jax.population/{strategy}"] = (
-        lambda key, a, b, f=evaluate: np.asarray(f(variables, fp, data, key, a, b)))
+    spec = spec_for(strategy)
+    if strategy == "compact":
+      spec = dataclasses.replace(spec, pad_to=cfg.evo_pad_to)
+      name, evaluate = f"jax.compact/pad{cfg.evo_pad_to}", functools.partial(
+          evolution.population_loss, spec)
+    else:
+      name = f"jax.population/{strategy}"
+      evaluate = compile_options.jit(functools.partial(evolution.population_loss, spec))
+    variants[name] = lambda key, a, b, f=evaluate: np.asarray(f(variables, fp, data, key, a, b))
   loop_spec = spec_for("map")
   variants["jax.loop"] = lambda key, a, b: _loop_losses(loop_spec, variables, fp, data, key, a, b)
   if cfg.use_torch:
@@ -162,52 +178,76 @@ def run(cfg) -> dict:
     variants["torch.reference"] = (
         lambda key, a, b: _torch_losses(loop_spec, module, variables, fp, data, key, a, b))
 
-  rows, losses = [], {}
+  first_s = {}
   for name, fn in variants.items():
-    warm_s = []
-    for w in range(max(cfg.warmup, 1)):  # the first call compiles
+    for w in range(cfg.warmup):  # the first call compiles
       a, b = genes(-1 - w)
       start = time.perf_counter()
       fn(jax.random.key(7), a, b)
-      warm_s.append(time.perf_counter() - start)
-    times = []
-    with CompileCounter() as compiles:
-      for rep in range(cfg.reps):
-        a, b = genes(rep)
+      first_s.setdefault(name, time.perf_counter() - start)
+  times, compiles, compile_s, widths, losses = {}, {}, {}, {}, {}
+  for rep in range(cfg.reps):  # round-robin over the variants
+    a, b = genes(rep)
+    for name, fn in variants.items():
+      misses = evolution._compact_programs.cache_info().misses
+      with CompileCounter() as counter:
         start = time.perf_counter()
         out = fn(jax.random.key(rep), a, b)
-        times.append(time.perf_counter() - start)
-        losses.setdefault(name, []).append(out)
-    s = common.summarize(times)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+      compiles.setdefault(name, []).append(counter.count)
+      compile_s.setdefault(name, []).append(counter.seconds)
+      widths.setdefault(name, []).append(evolution._compact_programs.cache_info().misses - misses)
+      losses.setdefault(name, []).append(out)
+      print(f"evolution {arch} rep {rep} {name:26s} {times[name][-1]:.2f} s, "
+            f"{counter.count} compiles ({counter.seconds:.1f} s), {widths[name][-1]} new width "
+            "sets", flush=True)
+  rows = []
+  for name in variants:
+    s = common.summarize(times[name])
     rows.append({"model": arch, "variant": name, "candidates": k, "tau_hat": cfg.evo_tau_hat,
                  "batch": cfg.evo_batch, "val_images": cfg.evo_val_size, **s,
-                 "first_call_s": warm_s[0], "compiles_during_timed_calls": compiles.count,
-                 "candidates_per_s": k / s["median_s"]})
-    print(f"evolution {arch} {name:26s} median {s['median_s']:.2f} s "
-          f"({k / s['median_s']:.3f} cand/s, first call {warm_s[0]:.1f} s, "
-          f"{compiles.count} compiles)", flush=True)
+                 "first_call_s": first_s.get(name, times[name][0]),
+                 "compiles_during_timed_calls": int(sum(compiles[name])),
+                 "compiles_per_call": compiles[name],
+                 "compile_s_in_timed_calls": float(sum(compile_s[name])),
+                 "new_width_sets_per_call": widths[name],
+                 "candidates_per_s": k / s["median_s"],
+                 "candidates_per_s_all_calls": k * cfg.reps / sum(times[name])})
   ref = np.concatenate(losses["jax.loop"])
   agreement = {name: float(np.max(np.abs(np.concatenate(v) - ref))) for name, v in losses.items()}
   settings = {"model": arch, "candidates": k, "tau_hat": cfg.evo_tau_hat, "batch": cfg.evo_batch,
               "val_images": cfg.evo_val_size, "target": cfg.evo_target,
-              "strategies": cfg.evo_strategies, "reps": cfg.reps, "warmup": cfg.warmup}
-  res = common.result("evolution", settings, rows, load_start, max_loss_diff_vs_loop=agreement)
+              "strategies": cfg.evo_strategies, "pad_to": cfg.evo_pad_to, "reps": cfg.reps,
+              "warmup": cfg.warmup}
+  res = common.result("evolution", settings, rows, load_start, max_loss_diff_vs_loop=agreement,
+                      losses={n: np.concatenate(v).tolist() for n, v in losses.items()})
   print(table(res), flush=True)
   return res
 
 
 def table(res: dict) -> str:
-  """Markdown table of an evolution result (throughput relative to ``jax.loop``)."""
+  """Markdown table of an evolution result (throughput relative to ``jax.loop`` and,
+  where it ran, to ``torch.reference``)."""
   rows, c = res["rows"], res["config"]
-  loop_rate = next(r["candidates_per_s"] for r in rows if r["variant"] == "jax.loop")
+  rate = {r["variant"]: r["candidates_per_s"] for r in rows}
+  torch_rate = rate.get("torch.reference")
   lines = [[r["variant"], common.fmt_s(r["median_s"]),
             f"{common.fmt_s(r['min_s'])}-{common.fmt_s(r['max_s'])}",
-            f"{r['candidates_per_s']:.3f}", f"{r['candidates_per_s'] / loop_rate:.2f}",
-            common.fmt_s(r["first_call_s"]), r["compiles_during_timed_calls"],
+            f"{r['candidates_per_s']:.3f}", f"{r['candidates_per_s'] / rate['jax.loop']:.2f}",
+            f"{r['candidates_per_s'] / torch_rate:.2f}" if torch_rate else "-",
+            common.fmt_s(r["first_call_s"]),
+            f"{r['compiles_during_timed_calls']}" + (
+                f" ({r['compile_s_in_timed_calls']:.1f} s)" if "compile_s_in_timed_calls" in r
+                else ""),
+            "-" if "new_width_sets_per_call" not in r or not r["variant"].startswith("jax.compact")
+            else ", ".join(map(str, r["new_width_sets_per_call"])),
             f"{res['max_loss_diff_vs_loop'][r['variant']]:.1e}"] for r in rows]
+  warm = c.get("warmup", 1)
   return common.markdown_table(
       f"Evolution fitness of {c['model']}: {c['candidates']} candidates per call, "
       f"tau_hat={c['tau_hat']}, batch {c['batch']}, {c['val_images']} validation images, "
-      f"{c['reps']} timed calls with fresh genes",
-      ["variant", "median s", "min-max", "candidates/s", "vs jax.loop", "first call s",
-       "compiles in timed calls", "max loss diff vs loop"], lines)
+      f"{c['reps']} timed calls with fresh genes"
+      + (", compiles inside the timed calls (no warm-up)" if warm == 0 else ""),
+      ["variant", "median s", "min-max", "candidates/s", "vs jax.loop", "vs torch.reference",
+       "first call s", "compiles in timed calls (s)", "new width sets per call",
+       "max loss diff vs loop"], lines)

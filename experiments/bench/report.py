@@ -14,18 +14,19 @@ from experiments.bench import common
 ORDER = ("compile_time", "compile_time_options", "step_time", "step_time_resnet20_vgg16",
          "step_time_bf16", "step_time_bf16_resnet20_vgg16", "step_time_options",
          "step_time_options_r20_r56", "step_profile", "conv_parts",
-         "tiny_conv", "hrank", "evolution", "compacted", "compacted_tuned", "conv_widths", "grad_accuracy")
+         "tiny_conv", "hrank", "evolution", "evolution_tau200", "stages", "compacted", "compacted_tuned", "compacted_chunks", "conv_widths", "grad_accuracy")
 
 
 def render(path: Path) -> str:
   """The table and run note of one result file."""
   from experiments.bench import (compacted, compile_time, conv_parts, conv_widths, evolution,
-                                 grad_accuracy, hrank, step_profile, step_time, tiny_conv)
+                                 grad_accuracy, hrank, pipeline_stages, step_profile, step_time,
+                                 tiny_conv)
   tables = {"compile_time": compile_time.table, "step_time": step_time.table,
             "hrank": hrank.table, "evolution": evolution.table, "compacted": compacted.table,
             "tiny_conv": tiny_conv.table, "conv_parts": conv_parts.table,
             "step_profile": step_profile.table, "grad_accuracy": grad_accuracy.table,
-            "conv_widths": conv_widths.table}
+            "conv_widths": conv_widths.table, "stages": pipeline_stages.table}
   res = json.loads(path.read_text())
   return tables[res["workload"]](res) + "\n" + common.run_note(res)
 

@@ -21,6 +21,10 @@ How candidates are laid out inside the program is a static choice
   ``children * tau_hat``, so keep both small on CPU.
 * ``"vmap"``: candidates batched; they have their own weights, so XLA turns the
   convolutions into grouped ones (4.4x slower per candidate on a 2-core CPU).
+* ``"compact"``: not one program: each candidate is fine-tuned and validated at
+  its pruned size (:func:`compact_population_loss`), each group's width rounded up
+  to a multiple of ``pad_to`` so that candidates share compiled programs (cached
+  by the rounded widths). Python-driven, so not jittable and not sharded.
 
 Folding candidates into the batch dimension is not possible once their weights
 diverge after the first SGD step.
@@ -42,7 +46,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from picpq_jax import compile_options
 from picpq_jax.compress import pic
+from picpq_jax.compress.compact import compact
 from picpq_jax.compress.prune import prune_to_budget
 from picpq_jax.errors import UserError
 from picpq_jax.models.structure import ModelStructure
@@ -50,7 +56,7 @@ from picpq_jax.train.steps import create_train_state, eval_step, train_step
 
 Array = jax.Array
 
-STRATEGIES = ("map", "unroll", "vmap")
+STRATEGIES = ("map", "unroll", "vmap", "compact")
 
 
 class Population(NamedTuple):
@@ -109,6 +115,7 @@ class FitnessSpec:
   safeguard: float = 0.1
   min_channels: int = 2
   strategy: str = "map"
+  pad_to: int = 8  # "compact" only: widths rounded up to a multiple of this
 
 
 def candidate_masks(spec: FitnessSpec, fp: Mapping[str, Array], a: Array, b: Array) -> dict:
@@ -162,7 +169,10 @@ def candidate_loss(spec: FitnessSpec, variables: Mapping[str, Any], fp: Mapping[
 
 def population_loss(spec: FitnessSpec, variables, fp, data: SearchData, key: Array,
                     a: Array, b: Array) -> Array:
-  """Losses of ``K`` candidates ``a, b: [K, L] -> [K]``, laid out by ``spec.strategy``."""
+  """Losses of ``K`` candidates ``a, b: [K, L] -> [K]``, laid out by ``spec.strategy``
+  (jittable, except with ``"compact"``)."""
+  if spec.strategy == "compact":
+    return compact_population_loss(spec, variables, fp, data, key, a, b)
   one = functools.partial(candidate_loss, spec, variables, fp, data, key)
   if spec.strategy == "vmap":
     return jax.vmap(one)(a, b)
@@ -171,10 +181,76 @@ def population_loss(spec: FitnessSpec, variables, fp, data: SearchData, key: Arr
   return jax.lax.map(lambda ab: one(*ab), (a, b))
 
 
+def compact_population_loss(spec: FitnessSpec, variables, fp, data: SearchData, key: Array,
+                            a: Array, b: Array) -> Array:
+  """Losses ``[K]`` of ``K`` candidates ``a, b: [K, L]``, each at its pruned size.
+
+  The same fitness as :func:`candidate_loss` (same batches, keys and steps) on
+  ``compact(..., pad_to=spec.pad_to)`` of each candidate: the padding channels
+  stay masked with zero kernels, so the loss equals the masked one's up to float
+  rounding. The ``tau_hat`` steps run from Python, one jitted step each (on
+  XLA:CPU convolutions inside a ``scan`` run far slower, see the module doc);
+  programs are compiled once per distinct set of padded widths
+  (:func:`_compact_programs`); option-A shortcut maps are traced arguments, so
+  they never cause a compile.
+  """
+  masks = jax.device_get(_masks_program(spec)(fp, a, b))
+  keys = jax.random.split(key, data.train_images.shape[0])
+  losses = []
+  for i in range(a.shape[0]):
+    small, small_vars = compact(spec.model, {**variables, "masks": {g: m[i] for g, m in
+                                                                   masks.items()}},
+                                spec.structure, pad_to=spec.pad_to)
+    maps = getattr(small, "shortcut_maps", None)
+    step, evaluate = _compact_programs(spec, small.clone(shortcut_maps=None) if maps else small)
+    maps = tuple(np.asarray(m, np.int32) for m in maps or ())
+    state = create_train_state(small_vars, spec.tx)
+    for t in range(keys.shape[0]):
+      state = step(state, maps, keys[t], data.train_images[t], data.train_labels[t])
+    loss_sum, count = evaluate(state.variables, maps, data.val_images, data.val_labels,
+                               data.val_weights)
+    losses.append(loss_sum / jnp.maximum(count, 1.0))
+  return jnp.stack(losses)
+
+
+@functools.lru_cache(maxsize=8)
+def _masks_program(spec: FitnessSpec) -> Callable:
+  """Jitted ``(fp, a [K, L], b [K, L]) -> {group: [K, C]}`` masks of ``K`` candidates."""
+  return jax.jit(jax.vmap(functools.partial(candidate_masks, spec), in_axes=(None, 0, 0)))
+
+
+@functools.lru_cache(maxsize=128)
+def _compact_programs(spec: FitnessSpec, model: nn.Module) -> tuple[Callable, Callable]:
+  """The jitted fine-tuning step and validation of one compacted ``model`` (its
+  option-A shortcut maps, if any, passed as int32 arrays): ``step(state, maps, key,
+  images, labels) -> state`` and ``evaluate(variables, maps, images [V, B, ...],
+  labels, weights) -> (loss_sum, count)``. Cached by ``model``, whose static fields
+  are the padded widths."""
+  with_maps = lambda maps: model.clone(shortcut_maps=maps) if maps else model
+
+  def step(state, maps, key, images, labels):
+    return train_step(state, spec.preprocess_train(key, images), labels,
+                      model=with_maps(maps), tx=spec.tx)[0]
+
+  def evaluate(variables, maps, images, labels, weights):
+    def one(totals, xs):
+      out = eval_step(variables, spec.preprocess_eval(xs[0]), xs[1], xs[2],
+                      model=with_maps(maps))
+      return (totals[0] + out["loss_sum"], totals[1] + out["count"]), None
+    return jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), (images, labels, weights),
+                        unroll=True)[0]
+
+  # as the library trains: the step with its compile options, evaluation with XLA's
+  return compile_options.jit(step), jax.jit(evaluate)
+
+
 def sharded_population_loss(spec: FitnessSpec, mesh: Mesh | None) -> Callable:
   """:func:`population_loss` with the candidate axis split over ``mesh``'s
   ``population`` axis (each device evaluates its share); plain when ``mesh`` is None."""
   fn = functools.partial(population_loss, spec)
+  if spec.strategy == "compact" and mesh is not None and mesh.size > 1:
+    raise UserError("--strategy compact evaluates candidates one by one on one device; "
+                    "use map, unroll or vmap to split them over devices")
   if mesh is None or mesh.size == 1:
     return fn
   return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P(), P(), P("population"),

@@ -46,7 +46,7 @@ class SearchConfig:
   mutation_rate: float = option(0.1, "fraction of layers a child mutates")
   search_batch_size: int = option(128, "batch size of the fitness fine-tuning and validation")
   search_val_size: int = option(1000, "validation images that score a candidate")
-  strategy: str = option("map", "candidates in one program: map, unroll or vmap")
+  strategy: str = option("map", "how candidates are evaluated: map, unroll or vmap (one program, masked) or compact (one by one at the pruned size)")
   identity_seed: bool = option(True, "member 0 of the initial population is a=1, b=0 (the reference)")
   sampling: str = option("replace", "tournament members and mutated layers drawn with replacement (replace, the reference) or distinct (distinct)")
   returns: str = option("best-ever", "genes returned: best-ever (the fittest ever evaluated, the reference) or final (the fittest of the final population)")
@@ -162,8 +162,10 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
 def _evaluate_program(spec: evolution.FitnessSpec, mesh: Mesh | None):
   """The jitted heavy program that scores ``children`` candidates (prune, fine-tune,
   validate), cached so that a resumed or repeated search in the same process compiles
-  nothing new; the initial population and every generation use it."""
-  return compile_options.jit(evolution.sharded_population_loss(spec, mesh))
+  nothing new; the initial population and every generation use it. Strategy
+  ``compact`` is Python-driven and caches its programs by the candidates' widths."""
+  fn = evolution.sharded_population_loss(spec, mesh)
+  return fn if spec.strategy == "compact" else compile_options.jit(fn)
 
 
 def _template(spec, config: SearchConfig) -> evolution.Population:

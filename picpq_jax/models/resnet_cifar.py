@@ -77,17 +77,24 @@ def option_a_shortcut(x: Array, features: int, stride: int) -> Array:
   return x
 
 
-def index_shortcut(x: Array, index: tuple[int, ...], stride: int) -> Array:
+def index_shortcut(x: Array, index: tuple[int, ...] | Array, stride: int) -> Array:
   """Subsample ``[N, H, W, C]`` by ``stride``; channel ``j`` of the output is
   ``x[..., index[j]]``, or zeros where ``index[j] == -1``: ``[N, H', W', len(index)]``.
+
+  ``index`` is a static tuple (checked here) or an int32 array, which may be
+  traced (checked by whoever built it; see ``CifarResNet.shortcut_maps``).
   """
   if stride != 1:
     x = x[:, ::stride, ::stride, :]
-  idx = np.asarray(index, np.int64).reshape(-1)
-  if idx.size and (idx.min() < -1 or idx.max() >= x.shape[-1]):
-    raise ValueError(f"shortcut index entries must lie in [-1, {x.shape[-1]}), got "
-                     f"[{idx.min()}, {idx.max()}]")
-  taken = jnp.take(x, np.maximum(idx, 0), axis=-1)
+  if isinstance(index, tuple):
+    idx = np.asarray(index, np.int64).reshape(-1)
+    if idx.size and (idx.min() < -1 or idx.max() >= x.shape[-1]):
+      raise ValueError(f"shortcut index entries must lie in [-1, {x.shape[-1]}), got "
+                       f"[{idx.min()}, {idx.max()}]")
+    taken = jnp.take(x, np.maximum(idx, 0), axis=-1)
+  else:
+    idx = jnp.asarray(index)
+    taken = jnp.take(x, jnp.maximum(idx, 0), axis=-1, mode="clip")
   return jnp.where(idx >= 0, taken, jnp.zeros((), x.dtype))
 
 
@@ -101,8 +108,9 @@ class BasicBlock(nn.Module):
 
   Attributes:
     mid_features: width of ``conv1`` (``None``: ``features``).
-    shortcut_index: option A only: the shortcut as a static index map (see
-      :func:`index_shortcut`); ``None`` zero-pads evenly (:func:`option_a_shortcut`).
+    shortcut_index: option A only: the shortcut as an index map, static or an
+      int32 array (see :func:`index_shortcut`); ``None`` zero-pads evenly
+      (:func:`option_a_shortcut`).
   """
 
   features: int
@@ -114,7 +122,7 @@ class BasicBlock(nn.Module):
   quantizer: Quantizer = FullPrecision()
   dtype: str = "float32"
   mid_features: int | None = None
-  shortcut_index: tuple[int, ...] | None = None
+  shortcut_index: tuple[int, ...] | Array | None = None
 
   @nn.compact
   def __call__(self, x: Array, mid_mask: Array, out_mask: Array, train: bool) -> Array:
@@ -153,7 +161,9 @@ class CifarResNet(nn.Module):
       ``None`` keeps ``widths``.
     shortcut_maps: static index map of each stage's first shortcut, one per stage
       transition (``len(widths) - 1``); ``None`` is option A on the stage widths.
-      See :meth:`shortcut_couplings`.
+      See :meth:`shortcut_couplings`. The maps may also be int32 arrays, traced
+      inside a jitted function (the search's compact fitness evaluation reuses one
+      program for every map of the same widths); they are then not checked.
     span: run only these of :meth:`pieces` (split learning); the stage masks are
       created whatever the span, a block's ``_mid`` mask only where it runs.
   """
@@ -174,7 +184,9 @@ class CifarResNet(nn.Module):
     blocks = (self.depth - 2) // 6
     check_group_sizes(self.group_sizes, self.group_names())
     widths = self.stage_widths()
-    maps = None if self.shortcut_maps is None else [c.index for c in self.shortcut_couplings()]
+    maps = self.shortcut_maps
+    if maps is not None and all(isinstance(m, tuple) for m in maps):
+      maps = [c.index for c in self.shortcut_couplings()]  # checks the static maps
     stream = [channel_mask(self, f"stage{s + 1}", w) for s, w in enumerate(widths)]
 
     if in_span(self.span, 0):

@@ -19,13 +19,16 @@ from picpq_jax.compress.prune import prune_to_budget
 from picpq_jax.train import create_train_state, eval_step, sgd_nesterov, train_step
 
 
-def _spec(model, structure, strategy="map"):
+_TX = sgd_nesterov(0.01)  # one object, so that jitted programs keyed by it are reused
+
+
+def _spec(model, structure, strategy="map", **kw):
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   return evolution.FitnessSpec(
-      model=model, structure=structure, tx=sgd_nesterov(0.01),
+      model=model, structure=structure, tx=_TX,
       preprocess_train=lambda k, x: pdata.normalize(pdata.augment(k, x), mean, std),
       preprocess_eval=lambda x: pdata.normalize(x, mean, std),
-      target=0.6, strategy=strategy)
+      target=0.6, strategy=strategy, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +48,20 @@ def setup():
   return model, structure, variables, fp, train, val, config
 
 
-def test_candidate_loss_equals_a_plain_python_loop(setup):
-  model, structure, variables, fp, train, val, config = setup
-  spec = _spec(model, structure)
-  data = search.stage_search_data(train, val, config, seed=0, generation=0)
-  key = jax.random.key(3)
-  a, b = pic.init_genes(jax.random.key(1), fp, structure)
-  got = evolution.candidate_loss(spec, variables, fp, data, key, a, b)
+@functools.lru_cache(maxsize=2)
+def _plain_programs(model, tx):
+  return (jax.jit(functools.partial(train_step, model=model, tx=tx)),
+          jax.jit(functools.partial(eval_step, model=model)))
 
-  masks = prune_to_budget(pic.pic_importance(fp, a, b, structure), structure, 0.6).masks
+
+def _plain_loss(spec, variables, fp, data, key, a, b):
+  """The fitness by hand: prune, ``T`` jitted masked SGD steps, validation loss."""
+  model, structure = spec.model, spec.structure
+  masks = prune_to_budget(pic.pic_importance(fp, a, b, structure), structure,
+                          spec.target).masks
   state = create_train_state({**variables, "masks": masks}, spec.tx)
   keys = jax.random.split(key, data.train_images.shape[0])
-  step = jax.jit(functools.partial(train_step, model=model, tx=spec.tx))
-  evaluate = jax.jit(functools.partial(eval_step, model=model))
+  step, evaluate = _plain_programs(model, spec.tx)
   for t in range(data.train_images.shape[0]):
     x = spec.preprocess_train(keys[t], data.train_images[t])
     state, _ = step(state, x, data.train_labels[t])
@@ -66,7 +70,39 @@ def test_candidate_loss_equals_a_plain_python_loop(setup):
     out = evaluate(state.variables, spec.preprocess_eval(data.val_images[v]),
                    data.val_labels[v], data.val_weights[v])
     loss_sum += float(out["loss_sum"]); count += float(out["count"])
-  np.testing.assert_allclose(float(got), loss_sum / count, rtol=1e-5)
+  return loss_sum / count, masks
+
+
+def test_candidate_loss_equals_a_plain_python_loop(setup):
+  model, structure, variables, fp, train, val, config = setup
+  spec = _spec(model, structure)
+  data = search.stage_search_data(train, val, config, seed=0, generation=0)
+  key = jax.random.key(3)
+  a, b = pic.init_genes(jax.random.key(1), fp, structure)
+  got = evolution.candidate_loss(spec, variables, fp, data, key, a, b)
+  np.testing.assert_allclose(float(got), _plain_loss(spec, variables, fp, data, key, a, b)[0],
+                             rtol=1e-5)
+
+
+def test_compact_strategy_equals_the_masked_loss_and_compiles_per_padded_width(setup):
+  model, structure, variables, fp, train, val, config = setup
+  spec = _spec(model, structure, "compact", pad_to=32)
+  data = search.stage_search_data(train, val, config, seed=0, generation=0)
+  key = jax.random.key(3)
+  a, b = evolution.initial_population(jax.random.key(4), fp, structure, 2)
+  evolution._compact_programs.cache_clear()
+  got = evolution.population_loss(spec, variables, fp, data, key, a, b)
+  widths, stage2 = set(), set()
+  sizes = {g.name: g.size for g in structure.groups}
+  for i in range(2):
+    want, masks = _plain_loss(spec, variables, fp, data, key, a[i], b[i])
+    np.testing.assert_allclose(float(got[i]), want, rtol=1e-4)
+    widths.add(tuple(min(sizes[g], -(-int(m.sum()) // 32) * 32) for g, m in masks.items()))
+    stage2.add(tuple(np.flatnonzero(np.asarray(masks["stage2"]))))
+  # one program per distinct padded width set: the shortcut maps (which differ with
+  # the kept stage-2 channels) are traced arguments
+  assert len(widths) == 1 and len(stage2) == 2
+  assert evolution._compact_programs.cache_info().misses == 1
 
 
 def test_map_unroll_and_vmap_strategies_agree(setup):
