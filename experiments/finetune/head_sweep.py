@@ -292,9 +292,10 @@ def report(out: dict) -> str:
   for k, c in out["chosen"].items():
     dev = c["dev"]
     m, a = c["mezo"], c["adam"]
-    lines.append(f"| {k} | MeZO {part} (n-SPSA) | lr {m['lr']:g}, eps {m['eps']:g}, n {m['n']}, "
-                 f"l2 {m['l2']:g} | {m['steps']} | {m['carved_mean']:.3f} | "
-                 f"{stat([d['start_dev'] for d in dev])} | {stat([d['mezo_dev'] for d in dev])} |")
+    if m["steps"]:  # (a ceiling-only run has no MeZO grid)
+      lines.append(f"| {k} | MeZO {part} (n-SPSA) | lr {m['lr']:g}, eps {m['eps']:g}, n {m['n']}, "
+                   f"l2 {m['l2']:g} | {m['steps']} | {m['carved_mean']:.3f} | "
+                   f"{stat([d['start_dev'] for d in dev])} | {stat([d['mezo_dev'] for d in dev])} |")
     lines.append(f"| {k} | Adam {part} (first-order ceiling) | lr {a['lr']:g}, l2 {a['l2']:g} | "
                  f"{a['steps']} | {a['carved_mean']:.3f} | {stat([d['start_dev'] for d in dev])} "
                  f"| {stat([d['adam_dev'] for d in dev])} |")
