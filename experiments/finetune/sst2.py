@@ -207,9 +207,10 @@ def write(rows: list[dict], args, started: float, command: str) -> None:
           f"same sentences; several seeds: mean ± sample sd [min, max]); memory from "
           f"`memory_analysis()` of the compiled training step (batch {args.batch_size}, "
           f"sequences trimmed to the longest training sentence, at most {args.max_len} "
-          f"tokens); peak RSS of the run's process. *: `--zo-part head` rows, whose step (a few "
-          f"KiB) runs on sentence embeddings made once: args+temp is that embedding pass "
-          f"(the evaluation program, batch 64).\n\n{table(rows)}\n")
+          f"tokens); peak RSS of the run's process. *: `--zo-part head` and `ffn` rows, whose "
+          f"step runs on activations made once by an inference pass: args+temp is the larger "
+          f"of that pass (the evaluation program, batch 64) and the step's args + temp + the "
+          f"cached activations (all clients' for FedKSeed).\n\n{table(rows)}\n")
   (RESULTS / "sst2.md").write_text(text)
 
 

@@ -267,9 +267,9 @@ def test_top_blocks_on_cached_states_equal_the_whole_forward(tiny_classifier, la
 def test_ffn_lora_on_cached_activations_equals_the_merged_model(tiny_classifier):
   """--zo-part ffn: LoRA on the top block's feed-forward output over the cached
   (u, r) equals the whole classifier with W_2 + (alpha / r) A B folded in by
-  lora.apply; a MeZO step moves exactly the adapters, that block's last LayerNorm and
-  the head."""
-  from picpq_jax.finetune import lora, mezo, peft
+  lora.apply; only the adapters, that block's last LayerNorm and the head are
+  trainable (the run's checkpoint: tests/finetune/test_run.py)."""
+  from picpq_jax.finetune import lora, peft
   model, params, data = tiny_classifier
   n = model.config.num_layers
   train, scored = heads.ffn_method(n, rank=2, alpha=4.0)
@@ -293,10 +293,6 @@ def test_ffn_lora_on_cached_activations_equals_the_merged_model(tiny_classifier)
   evaluated, _ = scored.combine(frozen, theta)  # what the evaluation runs
   np.testing.assert_allclose(model.apply({"params": evaluated}, data.input_ids[pick],
                                          data.attention_mask[pick]), logits, rtol=1e-5)
-  step = mezo.make_step(loss_fn, train, eps=1e-2, donate=False)
-  after, _ = step.step(frozen, theta, batch, jax.random.key(2), 1e-2)
-  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), theta, after)
-  assert all(jax.tree.leaves(moved))  # every chosen leaf moves; the rest is `frozen`
 
 
 def test_top_pattern_names_the_head_and_the_top_blocks():
