@@ -37,6 +37,14 @@ the head over them, the same loss as the whole classifier's, optionally plus a p
 towards the start, ``l2 / 2 * ||theta - theta_0||^2`` (``--head-l2``): on k examples
 per class the head-only objective is a convex logistic regression in ``H * C + C``
 dimensions that overfits 2k examples (experiments/finetune/head_sweep.py).
+
+The same cut one level lower: with ``layers`` top blocks moving as well
+(``--zo-layers``), :func:`embedded_loss` caches the token states below them and runs
+those blocks and the head per step (:func:`top_logits`); a whole block costs two
+block forward passes per MeZO step. ``--zo-part ffn`` moves only LoRA factors on the
+top block's feed-forward output, that block's last LayerNorm and the head: what that
+output layer sees and the residual sum it adds to are cached (:func:`ffn_cache`), so a
+step costs a rank-r product per token (:func:`ffn_loss`, :func:`ffn_method`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ for choosing settings without dev). Methods:
   method's trainable part (:func:`picpq_jax.finetune.peft.make_train_step`); every
   method but ``full`` also trains the head (``train_also("^head/")``);
 * ``mezo``: zeroth-order SGD (:func:`picpq_jax.finetune.mezo.make_step`) over the
-  part chosen by ``--zo-part`` (default every parameter, the paper's MeZO);
+  part chosen by ``--zo-part`` (default every parameter, the paper's MeZO; ``head``
+  with ``--zo-layers`` and ``ffn`` run on activations of the frozen part computed
+  once, :mod:`picpq_jax.finetune.heads`, and are evaluated through the whole model);
 * ``--federated fedit``: FedIT rounds of a first-order method over ``--clients``
   clients holding ``--k`` examples per class each; ``--federated fedkseed``: seed-only
   zeroth-order rounds (:mod:`picpq_jax.finetune.federated`), bytes counted exactly.
