@@ -278,7 +278,10 @@ def report(out: dict) -> str:
             if len(values) > 1 else f"{values[0]:.3f}")
 
   part = "ffn" if "--part ffn" in out["command"] else "head"
-  what = {"head": "head", "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)"}
+  words = out["command"].split()
+  layers = words[words.index("--layers") + 1] if "--layers" in words else "0"
+  what = {"head": "head" if layers == "0" else f"head and the top {layers} encoder block(s)",
+          "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)"}
   lines = [f"# MeZO over the {what[part]}: settings and the first-order ceiling "
            "(carved split -> dev)", "",
            f"    {out['command']}", "",
