@@ -1,4 +1,4 @@
-"""Head-only zeroth-order settings, and the first-order ceiling of the same objective.
+"""Zeroth-order settings over the model's top, and the first-order ceiling of the same objective.
 
 With ``--zo-part head`` MeZO moves only the classifier head over sentence embeddings
 computed once (:func:`picpq_jax.finetune.heads.embedded_loss`): a convex multinomial
@@ -20,6 +20,12 @@ Per k, the setting and step count with the best mean carved-split accuracy over 
 seeds is chosen (ties: fewer steps); only then are the chosen settings scored on the
 fixed sample of ``--dev-size`` dev sentences that the results table uses. Writes
 ``results/head_sweep.json`` and ``results/head_sweep.md``.
+
+``--part ffn`` does the same for ``picpq finetune --zo-part ffn`` (LoRA on the top
+block's feed-forward output, that block's last LayerNorm and the head, over
+activations computed once: :func:`picpq_jax.finetune.heads.ffn_loss`); ``--batch 16``
+draws 16 of the 2k examples afresh each MeZO step (``picpq finetune`` shuffles
+epochs of batches instead). Writes ``results/<--name>.{json,md}``.
 
 Command (from the repo root):
 
@@ -43,7 +49,7 @@ import numpy as np
 import optax
 
 from experiments.bench.common import cpu_model
-from picpq_jax.finetune import heads, mezo
+from picpq_jax.finetune import heads, mezo, peft
 from picpq_jax.finetune.bert import BertClassifier, BertEncoder, init_classifier
 from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
 from picpq_jax.finetune.run import eval_sample
@@ -60,14 +66,25 @@ def accuracy(theta: dict, x: np.ndarray, y: np.ndarray) -> float:
                                  -1) == y))
 
 
-def mezo_curve(loss_fn, batch, theta, lr, eps, n, steps, every, seed, score):
-  """``[(step, score(theta_step))]`` every ``every`` steps of MeZO on one full batch."""
+def sample(batch: dict, size: int, key) -> dict:
+  """``size`` rows of ``batch`` drawn without replacement by ``key`` (all when 0)."""
+  if not size:
+    return batch
+  pick = jax.random.choice(key, batch["label"].shape[0], (size,), replace=False)
+  return {name: v[pick] for name, v in batch.items()}
+
+
+def mezo_curve(loss_fn, batch, theta, lr, eps, n, steps, every, seed, score, size=0):
+  """``[(step, score(theta_step))]`` every ``every`` steps of MeZO on the full batch
+  (``size`` 0) or on ``size`` of its rows drawn afresh each step."""
   step = mezo.make_step(loss_fn, eps=eps, n=n, jit=False)
 
   @jax.jit
   def chunk(theta, first):
     def body(theta, t):
-      return step.step({}, theta, batch, jax.random.fold_in(jax.random.key(seed), t), lr)[0], None
+      key = jax.random.fold_in(jax.random.key(seed), t)
+      rows = sample(batch, size, jax.random.fold_in(key, 1 << 20))
+      return step.step({}, theta, rows, key, lr)[0], None
     return jax.lax.scan(body, theta, first + jnp.arange(every))[0]
 
   out = [(0, score(theta))]
@@ -95,6 +112,45 @@ def adam_curve(loss_fn, batch, theta, lr, steps, every, score):
     out.append((first + every, score(theta)))
     thetas[first + every] = theta
   return out, thetas
+
+
+def objective(args, model, start, train_tok, l2, seed):
+  """``(rows, loss(theta, batch, key), theta0)`` of ``--part`` from the start head:
+  the loss ``picpq finetune --zo-part head|ffn`` trains, over the moving part only."""
+  if args.part == "head":
+    rows, loss = heads.embedded_loss(model, start, train_tok, l2, args.layers)
+    n = model.config.num_layers
+    top = {f"layer_{i}": start["encoder"][f"layer_{i}"] for i in range(n - args.layers, n)}
+    return rows, loss, {"head": start["head"], **({"encoder": top} if top else {})}
+  rows, loss = heads.ffn_loss(model, start, train_tok, args.alpha, l2)
+  train, _ = heads.ffn_method(model.config.num_layers, args.rank, args.alpha)
+  frozen, theta0 = train.init(jax.random.key(seed), start)
+  return rows, lambda theta, batch, key=None: loss(peft.merge(frozen, theta), batch, key), theta0
+
+
+def make_scorer(args, model, params, tok, labels, chunk=100):
+  """``score(theta) -> accuracy`` on tokenized sentences, their frozen part computed
+  here once (sentence embeddings, or the top block's feed-forward cache)."""
+  encoder = BertEncoder(model.config, model.dtype)
+  if args.part == "head" and not args.layers:
+    x = heads.sentence_embeddings(encoder, params["encoder"], tok)
+    return lambda theta: accuracy(theta, x, labels)
+  if args.part == "head":  # states below the top blocks
+    cached = (heads.cached_hidden(encoder, params["encoder"], tok,
+                                  model.config.num_layers - args.layers),)
+    logits = jax.jit(lambda theta, h, m: heads.top_logits(model, theta, h, m, args.layers))
+  else:  # (u, r) of the top block's feed-forward
+    cached = heads.ffn_cache(model, params["encoder"], tok)
+    logits = jax.jit(lambda theta, u, r, m: heads.ffn_logits(model, theta, u, r, m, args.alpha))
+
+  def score(theta):
+    right = 0
+    for i in range(0, len(labels), chunk):
+      part = slice(i, i + chunk)
+      out = logits(theta, *(a[part] for a in cached), tok.attention_mask[part])
+      right += int(np.sum(np.argmax(np.asarray(out), -1) == labels[part]))
+    return right / len(labels)
+  return score
 
 
 def choose(rows: list[dict]) -> tuple[dict, int, float]:
@@ -128,7 +184,19 @@ def main() -> None:
   parser.add_argument("--label-prompts", default="It was terrible.|It was great.")
   parser.add_argument("--label-scale", type=float, default=20.0)
   parser.add_argument("--max-len", type=int, default=64)
+  parser.add_argument("--part", default="head", choices=("head", "ffn"),
+                      help="what moves: the head (heads.embedded_loss) or LoRA on the top "
+                      "block's feed-forward output + its LayerNorm + the head (heads.ffn_loss)")
+  parser.add_argument("--layers", type=int, default=0,
+                      help="--part head: also the top N encoder blocks (--zo-layers)")
+  parser.add_argument("--rank", type=int, default=8, help="--part ffn: LoRA rank")
+  parser.add_argument("--alpha", type=float, default=16.0, help="--part ffn: LoRA alpha")
+  parser.add_argument("--batch", type=int, default=0,
+                      help="MeZO rows per step, drawn afresh each step (0: all 2k)")
+  parser.add_argument("--name", default="", help="results/<name>.{json,md} (default: "
+                      "head_sweep, or ffn_sweep for --part ffn)")
   args = parser.parse_args()
+  name = args.name or ("head_sweep" if args.part == "head" else "ffn_sweep")
   command = "python -m experiments.finetune.head_sweep " + shlex.join(sys.argv[1:])
   t0 = time.time()
   paths = sst2_paths(args.data)
@@ -136,8 +204,7 @@ def main() -> None:
   pre, cache = load_minilm(None), TokenCache(load_tokenizer(None))
   model = BertClassifier(pre.config, train_all.num_classes, "sentence")
   params = init_classifier(jax.random.key(0), model, pre.params)
-  embed = lambda ds: heads.sentence_embeddings(  # noqa: E731
-      BertEncoder(model.config, model.dtype), params["encoder"], cache(ds, args.max_len))
+  scorer = lambda ds: make_scorer(args, model, params, cache(ds, args.max_len), ds.labels)  # noqa: E731
   tokenize = lambda texts: cache(TextDataset(tuple(texts), np.zeros(len(texts), np.int32)),  # noqa: E731
                                  args.max_len)
   prompts = tuple(args.label_prompts.split("|"))
@@ -151,18 +218,16 @@ def main() -> None:
       train_tok = cache(train, args.max_len)
       start = heads.start_head("labels", model, params, tokenize, train_tok, prompts=prompts,
                                scale=args.label_scale)
-      theta0 = {"head": start["head"]}
-      x_carved, y_carved = embed(carved), carved.labels
-      score = lambda theta: accuracy(theta, x_carved, y_carved)  # noqa: E731
+      score = scorer(carved)
       losses = {}
       for l2 in sorted({s[-1] for s in mezo_grid} | {s[-1] for s in fo_grid}):
-        rows, losses[l2] = heads.embedded_loss(model, start, train_tok, l2)
+        rows, losses[l2], theta0 = objective(args, model, start, train_tok, l2, seed)
       batch = {"input_ids": jnp.asarray(rows.input_ids), "label": jnp.asarray(rows.labels),
                "attention_mask": jnp.asarray(rows.attention_mask)}
       problems[(k, seed)] = (losses, batch, theta0)
       for lr, eps, n, l2 in mezo_grid:
         curve, _ = mezo_curve(losses[l2], batch, theta0, lr, eps, int(n), args.steps,
-                              args.eval_every, seed, score)
+                              args.eval_every, seed, score, args.batch)
         zo_rows.append({"k": k, "seed": seed, "setting": f"{lr:g}:{eps:g}:{int(n)}:{l2:g}",
                         "curve": curve})
         print(f"mezo k={k} seed={seed} {zo_rows[-1]['setting']}: "
@@ -176,10 +241,11 @@ def main() -> None:
               f"best {max(a for _, a in curve):.3f} end {curve[-1][1]:.3f}", flush=True)
 
   # Choose on the carved split, then (and only then) score the choice on dev.
-  x_dev, y_dev = embed(dev), dev.labels
+  dev_score = scorer(dev)
   chosen = {}
-  for k in sorted({r["k"] for r in zo_rows}):
-    z_setting, z_step, z_carved = choose([r for r in zo_rows if r["k"] == k])
+  for k in sorted({r["k"] for r in fo_rows}):
+    z_setting, z_step, z_carved = (choose([r for r in zo_rows if r["k"] == k]) if zo_rows
+                                   else ("0:0:1:0", 0, float("nan")))
     f_setting, f_step, f_carved = choose([r for r in fo_rows if r["k"] == k])
     lr, eps, n, l2 = (float(v) for v in z_setting.split(":"))
     f_lr, f_l2 = (float(v) for v in f_setting.split(":"))
@@ -187,9 +253,8 @@ def main() -> None:
     for (kk, seed), (losses, batch, theta0) in problems.items():
       if kk != k:
         continue
-      dev_score = lambda theta: accuracy(theta, x_dev, y_dev)  # noqa: E731
       _, theta = mezo_curve(losses[l2], batch, theta0, lr, eps, int(n), z_step or 1,
-                            z_step or 1, seed, dev_score) if z_step else (None, theta0)
+                            z_step or 1, seed, dev_score, args.batch) if z_step else (None, theta0)
       _, thetas = adam_curve(losses[f_l2], batch, theta0, f_lr, max(f_step, 1),
                              max(f_step, 1), dev_score)
       per_seed.append({"seed": seed, "start_dev": dev_score(theta0),
@@ -202,8 +267,8 @@ def main() -> None:
   RESULTS.mkdir(parents=True, exist_ok=True)
   out = {"command": command, "cpu": cpu_model(), "load": os.getloadavg(),
          "wall_time_s": time.time() - t0, "chosen": chosen, "mezo": zo_rows, "adam": fo_rows}
-  (RESULTS / "head_sweep.json").write_text(json.dumps(out, indent=1))
-  (RESULTS / "head_sweep.md").write_text(report(out))
+  (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+  (RESULTS / f"{name}.md").write_text(report(out))
   print(report(out))
 
 
@@ -212,7 +277,13 @@ def report(out: dict) -> str:
     return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
             if len(values) > 1 else f"{values[0]:.3f}")
 
-  lines = ["# Head-only MeZO settings and the first-order ceiling (carved split -> dev)", "",
+  part = "ffn" if "--part ffn" in out["command"] else "head"
+  words = out["command"].split()
+  layers = words[words.index("--layers") + 1] if "--layers" in words else "0"
+  what = {"head": "head" if layers == "0" else f"head and the top {layers} encoder block(s)",
+          "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)"}
+  lines = [f"# MeZO over the {what[part]}: settings and the first-order ceiling "
+           "(carved split -> dev)", "",
            f"    {out['command']}", "",
            f"{out['cpu']}, load average at the end {out['load'][0]:.1f} (shared 2-CPU "
            f"machine), {out['wall_time_s'] / 60:.1f} min wall.", "",
@@ -224,10 +295,11 @@ def report(out: dict) -> str:
   for k, c in out["chosen"].items():
     dev = c["dev"]
     m, a = c["mezo"], c["adam"]
-    lines.append(f"| {k} | MeZO head (n-SPSA) | lr {m['lr']:g}, eps {m['eps']:g}, n {m['n']}, "
-                 f"l2 {m['l2']:g} | {m['steps']} | {m['carved_mean']:.3f} | "
-                 f"{stat([d['start_dev'] for d in dev])} | {stat([d['mezo_dev'] for d in dev])} |")
-    lines.append(f"| {k} | Adam head (first-order ceiling) | lr {a['lr']:g}, l2 {a['l2']:g} | "
+    if m["steps"]:  # (a ceiling-only run has no MeZO grid)
+      lines.append(f"| {k} | MeZO {part} (n-SPSA) | lr {m['lr']:g}, eps {m['eps']:g}, n {m['n']}, "
+                   f"l2 {m['l2']:g} | {m['steps']} | {m['carved_mean']:.3f} | "
+                   f"{stat([d['start_dev'] for d in dev])} | {stat([d['mezo_dev'] for d in dev])} |")
+    lines.append(f"| {k} | Adam {part} (first-order ceiling) | lr {a['lr']:g}, l2 {a['l2']:g} | "
                  f"{a['steps']} | {a['carved_mean']:.3f} | {stat([d['start_dev'] for d in dev])} "
                  f"| {stat([d['adam_dev'] for d in dev])} |")
   lines += ["", "Carved-split accuracy of every MeZO setting (mean over seeds) at each "

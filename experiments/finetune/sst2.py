@@ -68,6 +68,7 @@ def runs(args) -> list[tuple[str, int, int, list[str]]]:
   zo_name = lambda name: name if args.zo_part == "full" else f"{name}-{args.zo_part}"  # noqa: E731
   zo = ["--head", args.zo_head, "--lr", str(args.zo_lr), "--mezo-eps", str(args.zo_eps),
         "--zo-part", args.zo_part, "--dropout", str(args.zo_dropout),
+        *(["--zo-layers", str(args.zo_layers)] if args.zo_layers else []),
         "--checkpoint-every", str(args.zo_checkpoint_every),
         "--mezo-n", str(args.zo_n), *(["--head-l2", str(args.zo_l2)] if args.zo_l2 else [])]
   # --zo-full-batch: every step sees all 2k examples (per client): SST-2's 2 classes
@@ -113,10 +114,12 @@ def row(name: str, k: int, r: dict, command: str, config: dict) -> dict:
       "learning_rate": r["learning_rate"], "bytes_per_round": r.get("bytes_per_round"),
       "traffic_per_round": r.get("traffic_per_round"), "clients": r.get("clients"),
       "local_steps": r.get("local_steps"), "command": command,
-      # --zo-part head: the step runs on embeddings made once by an inference pass
-      # (the evaluation program, batch 64); that pass is the method's memory.
+      # --zo-part head/ffn: the step runs on activations made once by an inference pass
+      # (about the evaluation program, batch 64) and holds them (cache_bytes, a constant
+      # of the compiled step): the method's memory is the larger of the two.
       "embed_pass_bytes": (r["eval_memory"]["argument_bytes"] + r["eval_memory"]["temp_bytes"]
-                           if r.get("zo_part") == "head" else None),
+                           if r.get("zo_part") in ("head", "ffn") else None),
+      "cache_bytes": r.get("cache_bytes"),
   }
 
 
@@ -149,7 +152,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for group in grouped(rows):
     r = group[0]
-    at = (r["step_argument_bytes"] + r["step_temp_bytes"]) / MIB
+    at = (r["step_argument_bytes"] + r["step_temp_bytes"] + (r.get("cache_bytes") or 0)) / MIB
     at = max(at, (r.get("embed_pass_bytes") or 0) / MIB)
     full = base.get(r["k"])
     # Federated rows run all clients in one program: not one device's step.
@@ -204,9 +207,10 @@ def write(rows: list[dict], args, started: float, command: str) -> None:
           f"same sentences; several seeds: mean ± sample sd [min, max]); memory from "
           f"`memory_analysis()` of the compiled training step (batch {args.batch_size}, "
           f"sequences trimmed to the longest training sentence, at most {args.max_len} "
-          f"tokens); peak RSS of the run's process. *: `--zo-part head` rows, whose step (a few "
-          f"KiB) runs on sentence embeddings made once: args+temp is that embedding pass "
-          f"(the evaluation program, batch 64).\n\n{table(rows)}\n")
+          f"tokens); peak RSS of the run's process. *: `--zo-part head` and `ffn` rows, whose "
+          f"step runs on activations made once by an inference pass: args+temp is the larger "
+          f"of that pass (the evaluation program, batch 64) and the step's args + temp + the "
+          f"cached activations (all clients' for FedKSeed).\n\n{table(rows)}\n")
   (RESULTS / "sst2.md").write_text(text)
 
 
@@ -233,10 +237,13 @@ def main() -> None:
   parser.add_argument("--zo-lr", type=float, default=1e-5)
   parser.add_argument("--zo-eps", type=float, default=1e-3)
   parser.add_argument("--zo-part", default="full")
+  parser.add_argument("--zo-layers", type=int, default=0,
+                      help="ZO rows with --zo-part head: --zo-layers (top encoder blocks)")
   parser.add_argument("--zo-dropout", type=float, default=0.0)
   parser.add_argument("--zo-n", type=int, default=1, help="ZO rows: --mezo-n (n-SPSA)")
   parser.add_argument("--zo-l2", type=float, default=0.0,
-                      help="ZO rows with --zo-part head: --head-l2 (pull towards the start)")
+                      help="ZO rows with --zo-part head or ffn: --head-l2 (pull towards "
+                      "the start)")
   parser.add_argument("--zo-full-batch", action="store_true",
                       help="ZO rows: --batch-size 2k (all k-shot examples, per client)")
   parser.add_argument("--zo-checkpoint-every", type=int, default=50,

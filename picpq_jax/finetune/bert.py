@@ -192,6 +192,46 @@ class BertEncoder(nn.Module):
     return x
 
 
+def run_blocks(config: BertConfig, params: Any, x: Array, attention_mask: Array,
+               start: int, stop: int, dtype: jnp.dtype = jnp.float32) -> Array:
+  """Blocks ``layer_start .. layer_{stop-1}`` of a :class:`BertEncoder`, no dropout.
+
+  Args:
+    config: the encoder's sizes.
+    params: the encoder's parameter tree (``layer_N`` read for ``start <= N < stop``).
+    x: float [B, L, H], the token states after block ``start - 1`` (the embedding
+      layer's output for ``start = 0``).
+    attention_mask: int or bool [B, L].
+    start, stop: static block range, ``0 <= start <= stop <= num_layers``.
+
+  Returns:
+    [B, L, H] in ``dtype``: what the encoder's blocks ``start .. stop - 1`` make of ``x``.
+  """
+  mask = padding_mask(attention_mask)
+  for i in range(start, stop):
+    x = BertLayer(config, dtype).apply({"params": params[f"layer_{i}"]}, x, mask, True)
+  return x
+
+
+def hidden_at(encoder: BertEncoder, params: Any, input_ids: Array, attention_mask: Array,
+              cut: int) -> Array:
+  """Token states after the embedding layer and the first ``cut`` blocks, no dropout.
+
+  Args:
+    encoder: the encoder (its config and dtype).
+    params: its parameter tree.
+    input_ids, attention_mask: int [B, L].
+    cut: static, ``0 <= cut <= num_layers``; ``cut = num_layers`` is the encoder's output.
+
+  Returns:
+    [B, L, H]; ``run_blocks(..., cut, num_layers)`` of it is ``encoder``'s output.
+  """
+  c = encoder.config
+  x = BertEmbeddings(c, encoder.dtype).apply({"params": params["embeddings"]}, input_ids,
+                                             jnp.zeros_like(input_ids), True)
+  return run_blocks(c, params, x, attention_mask, 0, cut, encoder.dtype)
+
+
 def _batched_prompt(prompt: Array, batch: int, hidden: int) -> Array:
   """[P, H] or [B, P, H] -> [B, P, H]."""
   if prompt.ndim == 2:

@@ -21,7 +21,8 @@ from picpq_jax.options import check, option
 TASKS = ("sst2", "shakespeare")
 METHODS = ("full", "lora", "bitfit", "prompt", "mezo", "qlora")
 FIRST_ORDER = ("full", "lora", "bitfit", "prompt", "qlora")
-ZO_PARTS = ("full", "lora", "bitfit", "prompt", "head")
+ZO_PARTS = ("full", "lora", "bitfit", "prompt", "head", "ffn")
+CACHED_PARTS = ("head", "ffn")  # run on activations of the frozen part computed once
 FEDERATED = ("", "fedit", "fedkseed")
 HEADS = ("random", "labels", "probe")  # picpq_jax.finetune.heads.HEADS (no jax import here)
 EVAL_SPLITS = ("dev", "train")
@@ -62,8 +63,9 @@ class FinetuneConfig:
   remat: bool = option(False, "rematerialize each encoder block in the backward pass (jax.checkpoint)")
   mezo_eps: float = option(1e-3, "MeZO perturbation scale")
   mezo_n: int = option(1, "MeZO directions per step (n-SPSA)")
-  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt or head (the classifier head alone)")
-  head_l2: float = option(0.0, "--zo-part head: add l2/2 * ||head - start||^2 to the loss (a pull towards the start head; 0: none)")
+  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt, head (the classifier head, plus the top --zo-layers encoder blocks) or ffn (LoRA of --rank/--alpha on the top block's feed-forward output, that block's last LayerNorm and the head); head and ffn run on activations of the frozen part computed once")
+  zo_layers: int = option(0, "--zo-part head: also perturb the top N encoder blocks (their input states are computed once; 0: the head alone)")
+  head_l2: float = option(0.0, "--zo-part head or ffn: add l2/2 * ||head - start||^2 to the loss (a pull towards the start head; 0: none)")
   pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
   qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
   qlora_block: int = option(64, "input rows per absmax scale of the quantized base")
@@ -116,13 +118,20 @@ class FinetuneConfig:
     check(self.mezo_eps > 0, "mezo_eps", self.mezo_eps, "a number > 0")
     check(self.mezo_n >= 1, "mezo_n", self.mezo_n, "an integer >= 1")
     check(self.zo_part in ZO_PARTS, "zo_part", self.zo_part, ", ".join(ZO_PARTS))
-    zo_head = self.method == "mezo" and self.zo_part == "head"
+    zo_head = self.method == "mezo" and self.zo_part in CACHED_PARTS
     check(not (zo_head and self.head == "random"), "zo_part", self.zo_part,
-          "full, lora, bitfit or prompt with --head random (head needs --head labels or probe)")
+          "full, lora, bitfit or prompt with --head random (head and ffn need --head labels "
+          "or probe)")
     check(not (zo_head and self.dropout), "dropout", self.dropout,
-          "0 with --zo-part head (the sentences are embedded once, without dropout)")
+          f"0 with --zo-part {self.zo_part} (the frozen part's activations are computed once, "
+          "without dropout)")
     check(self.head_l2 >= 0 and (zo_head or not self.head_l2), "head_l2", self.head_l2,
-          "a number >= 0, and 0 unless --method mezo --zo-part head")
+          "a number >= 0, and 0 unless --method mezo --zo-part head or ffn")
+    check(self.zo_layers >= 0 and (not self.zo_layers or (self.method == "mezo"
+                                                         and self.zo_part == "head")),
+          "zo_layers", self.zo_layers,
+          "an integer >= 0 (at most the encoder's blocks), and 0 unless --method mezo "
+          "--zo-part head")
     check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
     check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
     check(self.qlora_grid in ("int", "nf4") and (self.qlora_grid == "int" or self.qlora_bits == 4),

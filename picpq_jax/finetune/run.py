@@ -14,7 +14,9 @@ for choosing settings without dev). Methods:
   method's trainable part (:func:`picpq_jax.finetune.peft.make_train_step`); every
   method but ``full`` also trains the head (``train_also("^head/")``);
 * ``mezo``: zeroth-order SGD (:func:`picpq_jax.finetune.mezo.make_step`) over the
-  part chosen by ``--zo-part`` (default every parameter, the paper's MeZO);
+  part chosen by ``--zo-part`` (default every parameter, the paper's MeZO; ``head``
+  with ``--zo-layers`` and ``ffn`` run on activations of the frozen part computed
+  once, :mod:`picpq_jax.finetune.heads`, and are evaluated through the whole model);
 * ``--federated fedit``: FedIT rounds of a first-order method over ``--clients``
   clients holding ``--k`` examples per class each; ``--federated fedkseed``: seed-only
   zeroth-order rounds (:mod:`picpq_jax.finetune.federated`), bytes counted exactly.
@@ -213,9 +215,16 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
   total_params = param_count(params)
   zo = config.method == "mezo"
   step_data, loss_fn = train_tok, _classifier_loss(model)
-  if zo and config.zo_part == "head":  # the encoder is frozen: embed the examples once
-    step_data, loss_fn = heads.embedded_loss(model, params, train_tok, config.head_l2)
-  method = build_method(config.zo_part if zo else config.method, config)
+  if zo and config.zo_part == "head":  # the bottom is frozen: run it once
+    step_data, loss_fn = heads.embedded_loss(model, params, train_tok, config.head_l2,
+                                             config.zo_layers)
+    method = peft.only(heads.top_pattern(config.zo_layers, bert.num_layers), "head")
+    scored = method  # how the evaluation rebuilds the whole model
+  elif zo and config.zo_part == "ffn":
+    step_data, loss_fn = heads.ffn_loss(model, params, train_tok, config.alpha, config.head_l2)
+    method, scored = heads.ffn_method(bert.num_layers, config.rank, config.alpha)
+  else:
+    method = scored = build_method(config.zo_part if zo else config.method, config)
   frozen, trainable = method.init(k_method, params)
   del params, pre
   lr = config.learning_rate
@@ -223,8 +232,8 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
           "seq_len": int(train_tok.input_ids.shape[1]), "total_params": total_params,
           "trainable_params": peft.trainable_count(trainable),
           "frozen_bytes": tree_bytes(frozen), "trainable_bytes": tree_bytes(trainable),
-          "learning_rate": lr}
-  evaluate, info["eval_memory"] = _classifier_eval(model, method, frozen, trainable, dev_tok)
+          "learning_rate": lr, "cache_bytes": getattr(loss_fn, "cache_bytes", 0)}
+  evaluate, info["eval_memory"] = _classifier_eval(model, scored, frozen, trainable, dev_tok)
   if config.head != "random":  # the start each method must beat
     info["start_eval"] = evaluate(trainable)
   if config.federated:

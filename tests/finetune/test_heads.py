@@ -202,8 +202,99 @@ def test_pull_to_start_on_a_hand_made_pair():
     (dict(method="mezo", zo_part="full", head="labels", head_l2=0.1), "--head-l2=0.1"),
     (dict(method="mezo", zo_part="head", head="labels", dropout=0.0, head_l2=-1.0),
      "--head-l2=-1.0"),
+    (dict(method="mezo", zo_part="head", head="labels", dropout=0.0, zo_layers=-1),
+     "--zo-layers=-1"),
+    (dict(method="mezo", zo_part="full", head="labels", zo_layers=1), "--zo-layers=1"),
+    (dict(method="lora", zo_layers=2), "--zo-layers=2"),
+    (dict(method="mezo", zo_part="ffn", head="labels", dropout=0.1), "--dropout=0.1"),
+    (dict(method="mezo", zo_part="ffn", head="random", dropout=0.0), "--zo-part='ffn'"),
 ])
 def test_config_rejects_bad_head_and_grid_options(options, needle):
   from picpq_jax.finetune.config import FinetuneConfig
   with pytest.raises(UserError, match=needle.replace("[", r"\[")):
     FinetuneConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+  """The tiny BERT with sentence pooling, its params (a nonzero head) and 4 sentences."""
+  from picpq_jax.finetune import BertClassifier, init_classifier, load_minilm, load_tokenizer
+  from picpq_jax.finetune.text import TokenCache
+  from tests.finetune import tiny_run
+  folder = tiny_run.make_weights(tmp_path_factory.mktemp("tiny") / "w")
+  pre, cache = load_minilm(folder), TokenCache(load_tokenizer(folder))
+  texts = ("the movie was bad", "good", "a good movie was it", "bad bad")
+  data = cache(TextDataset(texts, np.array([0, 1, 1, 0], np.int32)), 16)
+  model = BertClassifier(pre.config, 2, pooling="sentence")
+  return model, init_classifier(jax.random.key(0), model, pre.params), data
+
+
+def _batch(rows, pick):
+  return {"input_ids": rows.input_ids[pick], "attention_mask": rows.attention_mask[pick],
+          "label": rows.labels[pick]}
+
+
+def _loss_of_logits(logits, labels):
+  """Mean cross-entropy in numpy (float64), independent of optax."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_blocks_on_cached_states_equal_the_whole_forward(tiny_classifier, layers):
+  """--zo-part head --zo-layers L: the loss over states cached below the top L blocks,
+  with those blocks and the head moved away from the cached start, equals the whole
+  classifier's loss (its own forward pass over the tokens) at the moved params."""
+  model, params, data = tiny_classifier
+  rows, loss_fn = heads.embedded_loss(model, params, data, layers=layers)
+  n = model.config.num_layers
+  moved = jax.tree.map(lambda a: a * 1.1 + 0.01, params)  # every leaf; only the top is read
+  top = {f"layer_{i}" for i in range(n - layers, n)}
+  moved = {"head": moved["head"], "encoder": {
+      name: (moved if name in top else params)["encoder"][name] for name in params["encoder"]}}
+  pick = np.array([3, 1, 3, 0])
+  logits = model.apply({"params": moved}, data.input_ids[pick], data.attention_mask[pick])
+  np.testing.assert_allclose(float(loss_fn(moved, _batch(rows, pick), None)),
+                             _loss_of_logits(logits, data.labels[pick]), rtol=1e-5)
+  # the cache holds [N, L, H] float32 token states
+  assert loss_fn.cache_bytes == data.input_ids.size * model.config.hidden_size * 4
+  with pytest.raises(UserError, match=f"--zo-layers={n + 1} is outside the encoder's {n} blocks"):
+    heads.embedded_loss(model, params, data, layers=n + 1)
+
+
+def test_ffn_lora_on_cached_activations_equals_the_merged_model(tiny_classifier):
+  """--zo-part ffn: LoRA on the top block's feed-forward output over the cached
+  (u, r) equals the whole classifier with W_2 + (alpha / r) A B folded in by
+  lora.apply; only the adapters, that block's last LayerNorm and the head are
+  trainable (the run's checkpoint: tests/finetune/test_run.py)."""
+  from picpq_jax.finetune import lora, peft
+  model, params, data = tiny_classifier
+  n = model.config.num_layers
+  train, scored = heads.ffn_method(n, rank=2, alpha=4.0)
+  frozen, theta = train.init(jax.random.key(1), params)
+  top = f"encoder/layer_{n - 1}/"
+  assert set(peft.flatten(theta)) == {
+      top + "mlp/output/lora_a", top + "mlp/output/lora_b", top + "mlp_norm/scale",
+      top + "mlp_norm/bias", "head/classifier/kernel", "head/classifier/bias"}
+  theta = jax.tree.map(lambda a: a + 0.05, theta)  # B != 0: the adapter changes the output
+  rows, loss_fn = heads.ffn_loss(model, params, data, alpha=4.0)
+  flat = peft.flatten(peft.merge(frozen, theta))
+  adapters = peft.unflatten({p[len("encoder/"):]: v for p, v in flat.items() if "/lora_" in p})
+  base = peft.unflatten({p: v for p, v in flat.items() if "/lora_" not in p})
+  folded = {**base, "encoder": lora.apply(base["encoder"], adapters, 4.0)}
+  pick = np.array([0, 2, 2, 1])
+  logits = model.apply({"params": folded}, data.input_ids[pick], data.attention_mask[pick])
+  want = _loss_of_logits(logits, data.labels[pick])
+  batch = _batch(rows, pick)
+  np.testing.assert_allclose(float(loss_fn(peft.merge(frozen, theta), batch, None)), want,
+                             rtol=1e-5)
+  evaluated, _ = scored.combine(frozen, theta)  # what the evaluation runs
+  np.testing.assert_allclose(model.apply({"params": evaluated}, data.input_ids[pick],
+                                         data.attention_mask[pick]), logits, rtol=1e-5)
+
+
+def test_top_pattern_names_the_head_and_the_top_blocks():
+  assert heads.top_pattern(0, 6) == "^head/"
+  assert heads.top_pattern(2, 6) == "^head/|^encoder/(layer_4|layer_5)/"

@@ -132,6 +132,22 @@ def test_mezo_on_the_head_alone_leaves_the_encoder_frozen(folders, tmp_path):
   assert state["trainable/head/classifier/kernel"].shape == (HIDDEN, 2)
 
 
+def test_mezo_ffn_moves_the_top_feed_forward_adapter_norm_and_head(folders, tmp_path):
+  """--zo-part ffn end to end: the checkpoint holds exactly the rank-r factors of the
+  top block's mlp/output, its mlp_norm and the head; the evaluation folds the factors
+  in (the result is finite and the start is scored)."""
+  from tests.finetune.tiny_run import INTER, LAYERS
+  out = run_finetune(config(folders, tmp_path, method="mezo", zo_part="ffn", head="labels",
+                            steps=2, dropout=0.0, lr=1e-1, rank=2), print_fn=lambda s: None)
+  assert out["trainable_params"] == HEAD + 2 * (INTER + HIDDEN) + 2 * HIDDEN
+  assert np.isfinite(out["eval_loss"]) and "start_eval" in out
+  top = f"trainable/encoder/layer_{LAYERS - 1}/"
+  assert set(flat(saved_state(tmp_path, 2))) == {
+      "trainable/head/classifier/kernel", "trainable/head/classifier/bias",
+      top + "mlp/output/lora_a", top + "mlp/output/lora_b", top + "mlp_norm/scale",
+      top + "mlp_norm/bias"}
+
+
 def test_head_l2_adds_the_pull_to_the_loss_the_run_probes(folders, tmp_path):
   """Same keys and batch, with and without --head-l2: at the start (step 1) the two
   probes theta_0 +- eps z add l2/2 eps^2 ||z||^2 to the logged mean loss, and
