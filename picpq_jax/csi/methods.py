@@ -268,7 +268,10 @@ def reconstruct_program(model) -> Callable:
     cw = model.encoder.apply({**consts["encoder"], **enc}, xu, train=False)
     return model.decoder.apply({**consts["decoder"], **dec}, cw, train=False)
   program = jax.jit(jax.vmap(one, in_axes=(0, None, None, 0)))
-  # On one device: with the encoders sharded over 'clients' (as the round program
-  # leaves them) this program computed wrong reconstructions on the 2-device CPU
-  # mesh (split CRNet CR 4: +1.41 dB against -2.83 dB replicated, same weights).
+  # On one device: vmap turns a conv with per-UE kernels into a grouped convolution,
+  # and XLA's SPMD partitioner computes wrong values for a grouped 1x1 convolution
+  # sharded over the groups (jax 0.10.2 and 0.12.1, CPU; reproducer:
+  # experiments/csi/xla_grouped_conv.py). With the encoders sharded over 'clients', as
+  # the round program leaves them, split CRNet CR 4 evaluated to +1.41 dB against
+  # -2.83 dB for the same weights on one device.
   return lambda *args: program(*jax.device_get(args))
