@@ -14,7 +14,7 @@ from experiments.bench import common
 ORDER = ("compile_time", "compile_time_options", "step_time", "step_time_resnet20_vgg16",
          "step_time_bf16", "step_time_bf16_resnet20_vgg16", "step_time_options",
          "step_time_options_r20_r56", "step_profile", "conv_parts",
-         "tiny_conv", "hrank", "evolution", "evolution_tau200", "stages", "compacted", "compacted_tuned", "compacted_chunks", "conv_widths", "grad_accuracy")
+         "tiny_conv", "hrank", "evolution", "evolution_tau200", "evolution_tau200_quiet", "stages", "stages_map_quiet", "stages_unroll_quiet", "compacted", "compacted_tuned", "compacted_chunks", "conv_widths", "grad_accuracy")
 
 
 def render(path: Path) -> str:
