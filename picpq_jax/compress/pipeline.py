@@ -324,12 +324,13 @@ def _compact_and_export(workdir, arch, model, variables, structure, quantizer, i
   """Compacts the final model, checks its logits, exports it packed; returns sizes."""
   small_model, small_vars = compact(model, variables, structure)
   x = pdata.normalize(images, mean, std)
-  masked_logits = model.apply(variables, x, train=False)
-  small_logits = small_model.apply(small_vars, x, train=False)
+  logits = lambda m, v: jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)  # not op by op
+  masked_logits = logits(model, variables)
+  small_logits = logits(small_model, small_vars)
   info = export(os.path.join(workdir, "model.npz"), arch, small_vars, quantizer,
                 model=small_model)
   loaded_model, loaded_vars = load_exported(info.path)
-  loaded_logits = loaded_model.apply(loaded_vars, x, train=False)
+  loaded_logits = logits(loaded_model, loaded_vars)
   return {
       "file": info.path, "file_bytes": info.file_bytes, "float32_bytes": info.float32_bytes,
       "compacted_params": models.param_count(small_vars["params"]),
