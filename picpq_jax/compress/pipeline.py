@@ -319,12 +319,17 @@ def quantized_start(model, quantizer: models.Quantizer, variables: dict, masks: 
 CHECK_IMAGES = 500
 
 
+# jitted, not op by op; the module is static, so the compacted model and the one
+# loaded back from its file (equal modules) share one compilation
+_eval_logits = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
+
+
 def _compact_and_export(workdir, arch, model, variables, structure, quantizer, images,
                         mean, std) -> dict:
   """Compacts the final model, checks its logits, exports it packed; returns sizes."""
   small_model, small_vars = compact(model, variables, structure)
   x = pdata.normalize(images, mean, std)
-  logits = lambda m, v: jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)  # not op by op
+  logits = lambda m, v: _eval_logits(m, v, x)
   masked_logits = logits(model, variables)
   small_logits = logits(small_model, small_vars)
   info = export(os.path.join(workdir, "model.npz"), arch, small_vars, quantizer,
