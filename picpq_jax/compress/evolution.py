@@ -26,6 +26,9 @@ How candidates are laid out inside the program is a static choice
   to a multiple of ``pad_to`` so that candidates share compiled programs (cached
   by the rounded widths). Python-driven, so not jittable and not sharded.
 
+``"auto"`` (the default of the CLI and :class:`~picpq_jax.compress.search.SearchConfig`)
+stands for one of these, by backend and ``tau_hat``: :func:`resolve_strategy`.
+
 Folding candidates into the batch dimension is not possible once their weights
 diverge after the first SGD step.
 
@@ -57,6 +60,35 @@ from picpq_jax.train.steps import create_train_state, eval_step, train_step
 Array = jax.Array
 
 STRATEGIES = ("map", "unroll", "vmap", "compact")
+# "auto" (the default of the CLI) resolves per backend by resolve_strategy().
+CPU_UNROLL_MAX_STEPS = 8  # CPU: unroll up to this tau_hat, compact above (measured)
+
+
+def resolve_strategy(strategy: str, tau_hat: int, devices: int = 1,
+                     backend: str | None = None) -> str:
+  """The strategy ``"auto"`` stands for; any other name is returned unchanged.
+
+  Chosen by measurement on XLA:CPU (``experiments/bench/RESULTS.md``, ResNet-20,
+  2 candidates per call, batch 128): ``unroll`` beat ``map`` 12x at ``tau_hat`` 2
+  and ``compact`` 1.4x at ``tau_hat`` 8, but its compile time grows faster than
+  the steps (64 s at 8, 248 s at 16, over 10 minutes and 5 GB at 32), so above
+  ``CPU_UNROLL_MAX_STEPS`` steps ``compact`` is used, or ``map`` where candidates
+  are split over devices (``compact`` runs on one). On accelerators ``map`` (small
+  programs; loops run at full speed there; not measured on this project's machines).
+
+  Args:
+    strategy: a name of :data:`STRATEGIES` or ``"auto"``.
+    tau_hat: SGD steps per fitness evaluation.
+    devices: devices the candidates are split over.
+    backend: JAX backend name; the default backend when None.
+  """
+  if strategy != "auto":
+    return strategy
+  if (backend or jax.default_backend()) != "cpu":
+    return "map"
+  if tau_hat <= CPU_UNROLL_MAX_STEPS:
+    return "unroll"
+  return "compact" if devices == 1 else "map"
 
 
 class Population(NamedTuple):

@@ -46,7 +46,7 @@ class SearchConfig:
   mutation_rate: float = option(0.1, "fraction of layers a child mutates")
   search_batch_size: int = option(128, "batch size of the fitness fine-tuning and validation")
   search_val_size: int = option(1000, "validation images that score a candidate")
-  strategy: str = option("map", "how candidates are evaluated: map, unroll or vmap (one program, masked) or compact (one by one at the pruned size)")
+  strategy: str = option("auto", "how candidates are evaluated: map, unroll or vmap (one program, masked), compact (one by one at the pruned size), or auto (chosen per backend and tau_hat)")
   identity_seed: bool = option(True, "member 0 of the initial population is a=1, b=0 (the reference)")
   sampling: str = option("replace", "tournament members and mutated layers drawn with replacement (replace, the reference) or distinct (distinct)")
   returns: str = option("best-ever", "genes returned: best-ever (the fittest ever evaluated, the reference) or final (the fittest of the final population)")
@@ -59,7 +59,8 @@ class SearchConfig:
         (0.0 < self.mutation_rate <= 1.0, "mutation_rate", "(0, 1]"),
         (self.search_batch_size >= 1, "search_batch_size", "an integer >= 1"),
         (self.search_val_size >= 1, "search_val_size", "an integer >= 1"),
-        (self.strategy in evolution.STRATEGIES, "strategy", " or ".join(evolution.STRATEGIES)),
+        (self.strategy in (*evolution.STRATEGIES, "auto"), "strategy",
+         " or ".join((*evolution.STRATEGIES, "auto"))),
         (self.sampling in SAMPLINGS, "sampling", " or ".join(SAMPLINGS)),
         (self.returns in RETURNS, "returns", " or ".join(RETURNS)),
     ]

@@ -16,6 +16,7 @@ from picpq_jax import data as pdata
 from picpq_jax import models
 from picpq_jax.compress import evolution, pic, search
 from picpq_jax.compress.prune import prune_to_budget
+from picpq_jax.errors import UserError
 from picpq_jax.train import create_train_state, eval_step, sgd_nesterov, train_step
 
 
@@ -108,7 +109,7 @@ def test_compact_strategy_equals_the_masked_loss_and_compiles_per_padded_width(s
 def test_map_unroll_and_vmap_strategies_agree(setup):
   model, structure, variables, fp, train, val, config = setup
   data = search.stage_search_data(train, val, config, seed=0, generation=0)
-  a, b = evolution.initial_population(jax.random.key(2), fp, structure, 3)
+  a, b = evolution.initial_population(jax.random.key(2), fp, structure, 2)
   key = jax.random.key(5)
   by_map = evolution.population_loss(_spec(model, structure, "map"), variables, fp, data, key, a, b)
   by_vmap = evolution.population_loss(_spec(model, structure, "vmap"), variables, fp, data, key, a, b)
@@ -117,7 +118,23 @@ def test_map_unroll_and_vmap_strategies_agree(setup):
       variables, fp, data, key, a, b)
   np.testing.assert_allclose(np.asarray(by_map), np.asarray(by_vmap), rtol=1e-4)
   np.testing.assert_allclose(np.asarray(by_map), np.asarray(by_unroll), rtol=1e-4)
-  assert len(set(np.round(np.asarray(by_map), 6))) == 3  # different genes, different losses
+  assert len(set(np.round(np.asarray(by_map), 6))) == 2  # different genes, different losses
+
+
+@pytest.mark.parametrize("strategy,tau_hat,devices,backend,expected", [
+    ("auto", 2, 1, "cpu", "unroll"), ("auto", 8, 1, "cpu", "unroll"),
+    ("auto", 9, 1, "cpu", "compact"), ("auto", 200, 4, "cpu", "map"),
+    ("auto", 200, 1, "gpu", "map"), ("auto", 2, 1, "tpu", "map"),
+    ("vmap", 200, 1, "cpu", "vmap"), ("map", 2, 1, "cpu", "map")])
+def test_auto_strategy_follows_the_measured_rule(strategy, tau_hat, devices, backend, expected):
+  # the rule of RESULTS.md: on CPU unroll up to 8 steps, then compact (map on a mesh)
+  assert evolution.resolve_strategy(strategy, tau_hat, devices, backend) == expected
+
+
+def test_auto_is_accepted_and_the_default():
+  assert search.SearchConfig().strategy == "auto"
+  with pytest.raises(UserError, match="strategy.*auto"):
+    search.SearchConfig(strategy="fast")
 
 
 def test_evolve_replaces_the_oldest_with_a_mutated_tournament_winner():
