@@ -52,11 +52,14 @@ from experiments.bench.common import cpu_model
 from picpq_jax.finetune import heads, mezo, peft
 from picpq_jax.finetune.bert import BertClassifier, BertEncoder, init_classifier
 from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
-from picpq_jax.finetune.run import eval_sample
+from picpq_jax.finetune.config import FinetuneConfig
+from picpq_jax.finetune.run import build_method, classifier_loss, eval_sample
 from picpq_jax.finetune.text import (TextDataset, TokenCache, held_out, k_shot, load_tsv,
-                                     sst2_paths)
+                                     sst2_paths, trim_to_bucket)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WHOLE = ("norm", "lora")  # parts whose loss runs the whole model (no cache)
+BUCKETS = FinetuneConfig().buckets
 
 
 def accuracy(theta: dict, x: np.ndarray, y: np.ndarray) -> float:
@@ -122,15 +125,48 @@ def objective(args, model, start, train_tok, l2, seed):
     n = model.config.num_layers
     top = {f"layer_{i}": start["encoder"][f"layer_{i}"] for i in range(n - args.layers, n)}
     return rows, loss, {"head": start["head"], **({"encoder": top} if top else {})}
+  if args.part in WHOLE:  # the whole model's forward, the moving part's leaves only
+    frozen, theta0 = whole_method(args).init(jax.random.key(seed), start)
+    loss = peft.loss_of(classifier_loss(model), whole_method(args))
+    return train_tok, lambda theta, batch, key=None: loss(theta, frozen, batch, None), theta0
   rows, loss = heads.ffn_loss(model, start, train_tok, args.alpha, l2)
   train, _ = heads.ffn_method(model.config.num_layers, args.rank, args.alpha)
   frozen, theta0 = train.init(jax.random.key(seed), start)
   return rows, lambda theta, batch, key=None: loss(peft.merge(frozen, theta), batch, key), theta0
 
 
+def whole_method(args) -> peft.Method:
+  """``--part norm|lora``: the method ``picpq finetune --zo-part`` builds for it."""
+  return build_method(args.part, FinetuneConfig(rank=args.rank, alpha=args.alpha,
+                                                targets=args.targets))
+
+
 def make_scorer(args, model, params, tok, labels, chunk=100):
   """``score(theta) -> accuracy`` on tokenized sentences, their frozen part computed
-  here once (sentence embeddings, or the top block's feed-forward cache)."""
+  here once (sentence embeddings, or the top block's feed-forward cache); ``--part
+  norm|lora`` runs the whole model, sentences sorted by length and each chunk cut to
+  a bucket of its longest (``trim_to_bucket``)."""
+  if args.part in WHOLE:
+    method = whole_method(args)
+    frozen, _ = method.init(jax.random.key(0), params)  # no head, no adapter in it
+
+    @jax.jit
+    def whole_logits(frozen, theta, ids, mask):
+      p, extras = method.combine(frozen, theta, None)
+      return model.apply({"params": p}, ids, mask, **extras)
+
+    order = np.argsort(tok.attention_mask.sum(1), kind="stable")
+
+    def score_whole(theta):
+      right = 0
+      for i in range(0, len(labels), chunk):
+        rows = order[i:i + chunk]
+        b = trim_to_bucket({"input_ids": tok.input_ids[rows],
+                            "attention_mask": tok.attention_mask[rows]}, BUCKETS)
+        out = whole_logits(frozen, theta, b["input_ids"], b["attention_mask"])
+        right += int(np.sum(np.argmax(np.asarray(out), -1) == labels[rows]))
+      return right / len(labels)
+    return score_whole
   encoder = BertEncoder(model.config, model.dtype)
   if args.part == "head" and not args.layers:
     x = heads.sentence_embeddings(encoder, params["encoder"], tok)
@@ -184,19 +220,22 @@ def main() -> None:
   parser.add_argument("--label-prompts", default="It was terrible.|It was great.")
   parser.add_argument("--label-scale", type=float, default=20.0)
   parser.add_argument("--max-len", type=int, default=64)
-  parser.add_argument("--part", default="head", choices=("head", "ffn"),
-                      help="what moves: the head (heads.embedded_loss) or LoRA on the top "
-                      "block's feed-forward output + its LayerNorm + the head (heads.ffn_loss)")
+  parser.add_argument("--part", default="head", choices=("head", "ffn") + WHOLE,
+                      help="what moves: the head (heads.embedded_loss), LoRA on the top "
+                      "block's feed-forward output + its LayerNorm + the head (heads.ffn_loss), "
+                      "or, through the whole model, every LayerNorm + the head (norm) or "
+                      "LoRA on --targets of every block + the head (lora)")
+  parser.add_argument("--targets", default="query|value", help="--part lora: LoRA targets")
   parser.add_argument("--layers", type=int, default=0,
                       help="--part head: also the top N encoder blocks (--zo-layers)")
-  parser.add_argument("--rank", type=int, default=8, help="--part ffn: LoRA rank")
-  parser.add_argument("--alpha", type=float, default=16.0, help="--part ffn: LoRA alpha")
+  parser.add_argument("--rank", type=int, default=8, help="--part ffn or lora: LoRA rank")
+  parser.add_argument("--alpha", type=float, default=16.0, help="--part ffn or lora: LoRA alpha")
   parser.add_argument("--batch", type=int, default=0,
                       help="MeZO rows per step, drawn afresh each step (0: all 2k)")
   parser.add_argument("--name", default="", help="results/<name>.{json,md} (default: "
                       "head_sweep, or ffn_sweep for --part ffn)")
   args = parser.parse_args()
-  name = args.name or ("head_sweep" if args.part == "head" else "ffn_sweep")
+  name = args.name or f"{args.part}_sweep"
   command = "python -m experiments.finetune.head_sweep " + shlex.join(sys.argv[1:])
   t0 = time.time()
   paths = sst2_paths(args.data)
@@ -277,11 +316,14 @@ def report(out: dict) -> str:
     return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
             if len(values) > 1 else f"{values[0]:.3f}")
 
-  part = "ffn" if "--part ffn" in out["command"] else "head"
   words = out["command"].split()
-  layers = words[words.index("--layers") + 1] if "--layers" in words else "0"
+  option = lambda flag, default: words[words.index(flag) + 1] if flag in words else default  # noqa: E731
+  part, layers = option("--part", "head"), option("--layers", "0")
   what = {"head": "head" if layers == "0" else f"head and the top {layers} encoder block(s)",
-          "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)"}
+          "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)",
+          "norm": "norm (every LayerNorm's scale and shift + the head, whole model)",
+          "lora": f"lora (rank {option('--rank', '8')} on {option('--targets', 'query|value')} "
+                  "of every block + the head, whole model)"}
   lines = [f"# MeZO over the {what[part]}: settings and the first-order ceiling "
            "(carved split -> dev)", "",
            f"    {out['command']}", "",

@@ -103,6 +103,7 @@ def main() -> None:
       if proc.returncode:
         print(proc.stderr[-3000:], flush=True)
         continue
+      done = json.loads((workdir / "results.json").read_text()).get("finished")
     rows.append({"part": part, "lr": lr, "eps": eps, "k": args.k, "seed": args.seed,
                  "curve": curve(workdir, start if args.collect else None),
                  "finished": bool(done), "command": "picpq " + shlex.join(argv)})

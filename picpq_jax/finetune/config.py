@@ -21,7 +21,7 @@ from picpq_jax.options import check, option
 TASKS = ("sst2", "shakespeare")
 METHODS = ("full", "lora", "bitfit", "prompt", "mezo", "qlora")
 FIRST_ORDER = ("full", "lora", "bitfit", "prompt", "qlora")
-ZO_PARTS = ("full", "lora", "bitfit", "prompt", "head", "ffn")
+ZO_PARTS = ("full", "lora", "bitfit", "prompt", "norm", "head", "ffn")
 CACHED_PARTS = ("head", "ffn")  # run on activations of the frozen part computed once
 FEDERATED = ("", "fedit", "fedkseed")
 HEADS = ("random", "labels", "probe")  # picpq_jax.finetune.heads.HEADS (no jax import here)
@@ -63,8 +63,9 @@ class FinetuneConfig:
   remat: bool = option(False, "rematerialize each encoder block in the backward pass (jax.checkpoint)")
   mezo_eps: float = option(1e-3, "MeZO perturbation scale")
   mezo_n: int = option(1, "MeZO directions per step (n-SPSA)")
-  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt, head (the classifier head, plus the top --zo-layers encoder blocks) or ffn (LoRA of --rank/--alpha on the top block's feed-forward output, that block's last LayerNorm and the head); head and ffn run on activations of the frozen part computed once")
+  zo_part: str = option("full", "which parameters MeZO perturbs: full, lora, bitfit, prompt, norm (every LayerNorm's scale and shift, and the head), head (the classifier head, plus the top --zo-layers encoder blocks) or ffn (LoRA of --rank/--alpha on the top block's feed-forward output, that block's last LayerNorm and the head); head and ffn run on activations of the frozen part computed once")
   zo_layers: int = option(0, "--zo-part head: also perturb the top N encoder blocks (their input states are computed once; 0: the head alone)")
+  zo_buckets: str = option("16,32,64", "--method mezo (also --federated fedkseed) over the whole model (--zo-part full, lora, bitfit, prompt, norm): each batch (round) is cut to the smallest of these token lengths that holds its longest sentence (each length compiled once); '': no cut")
   head_l2: float = option(0.0, "--zo-part head or ffn: add l2/2 * ||head - start||^2 to the loss (a pull towards the start head; 0: none)")
   pool_size: int = option(4096, "FedKSeed candidate seeds shared by all parties")
   qlora_bits: int = option(4, "bits of the quantized frozen base (qlora): 4 or 8")
@@ -132,6 +133,11 @@ class FinetuneConfig:
           "zo_layers", self.zo_layers,
           "an integer >= 0 (at most the encoder's blocks), and 0 unless --method mezo "
           "--zo-part head")
+    check(all(v.isdigit() for v in self.zo_buckets.split(",")) or not self.zo_buckets,
+          "zo_buckets", self.zo_buckets,
+          "token lengths such as '16,32,64' (comma-separated integers), or '' for no cut")
+    check(all(b >= 2 for b in self.buckets), "zo_buckets", self.zo_buckets,
+          "lengths of at least 2 tokens ([CLS] and [SEP])")
     check(self.pool_size >= 1, "pool_size", self.pool_size, "an integer >= 1")
     check(self.qlora_bits in (4, 8), "qlora_bits", self.qlora_bits, "4 or 8")
     check(self.qlora_grid in ("int", "nf4") and (self.qlora_grid == "int" or self.qlora_bits == 4),
@@ -161,6 +167,11 @@ class FinetuneConfig:
     if self.lr:
       return self.lr
     return DEFAULT_LR["shakespeare" if self.task == "shakespeare" else self.method]
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """``zo_buckets`` as sorted ints (empty: no cut)."""
+    return tuple(sorted(int(v) for v in self.zo_buckets.split(",") if v))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

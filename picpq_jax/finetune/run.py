@@ -16,7 +16,9 @@ for choosing settings without dev). Methods:
 * ``mezo``: zeroth-order SGD (:func:`picpq_jax.finetune.mezo.make_step`) over the
   part chosen by ``--zo-part`` (default every parameter, the paper's MeZO; ``head``
   with ``--zo-layers`` and ``ffn`` run on activations of the frozen part computed
-  once, :mod:`picpq_jax.finetune.heads`, and are evaluated through the whole model);
+  once, :mod:`picpq_jax.finetune.heads`, and are evaluated through the whole model;
+  the other parts run the whole model on each batch cut to the smallest of
+  ``--zo-buckets`` that holds its longest sentence, one compiled program per length);
 * ``--federated fedit``: FedIT rounds of a first-order method over ``--clients``
   clients holding ``--k`` examples per class each; ``--federated fedkseed``: seed-only
   zeroth-order rounds (:mod:`picpq_jax.finetune.federated`), bytes counted exactly.
@@ -52,7 +54,7 @@ from picpq_jax.errors import UserError
 from picpq_jax.finetune import federated as fed
 from picpq_jax.finetune import heads, lora, mezo, peft, qlora
 from picpq_jax.finetune.bert import BertClassifier, init_classifier
-from picpq_jax.finetune.config import FinetuneConfig
+from picpq_jax.finetune.config import CACHED_PARTS, FinetuneConfig
 from picpq_jax.finetune.gpt import GPT, GPTConfig, generate, init_gpt
 from picpq_jax.finetune.gpt import loss as gpt_loss
 from picpq_jax.finetune.memory import compiled_memory, peak_rss_bytes
@@ -60,11 +62,12 @@ from picpq_jax.finetune.pretrained import load_minilm, load_tokenizer
 from picpq_jax.finetune.text import (TextDataset, TokenCache, TokenizedText, CharVocab,
                                      eval_text_batches, held_out, k_shot, load_text, load_tsv,
                                      random_windows, split_ids, sst2_paths, text_batches,
-                                     tinyshakespeare_path)
+                                     tinyshakespeare_path, trim_to_bucket)
 from picpq_jax.models.structure import param_count
 from picpq_jax.utils import format_table, is_primary, tree_bytes
 
 HEAD = "^head/"
+NORM = "_norm/"  # embeddings/layer_norm, layer_N/attention_norm and layer_N/mlp_norm
 EVAL_BATCH = 64
 EVAL_SEED = 0  # the dev sample does not depend on --seed
 GPT_EVAL_BATCHES = 8
@@ -104,6 +107,8 @@ def build_method(name: str, config: FinetuneConfig) -> peft.Method:
     return peft.bitfit(HEAD)
   if name == "head":
     return peft.only(HEAD, "head")
+  if name == "norm":  # every LayerNorm's scale and shift (embeddings and blocks), the head
+    return peft.only(NORM + "|" + HEAD, "norm")
   if name == "prompt":
     return peft.train_also(peft.prompt(config.prompt_length), HEAD)
   if name == "lora":
@@ -115,7 +120,7 @@ def build_method(name: str, config: FinetuneConfig) -> peft.Method:
                                         dropout=config.lora_dropout, grid=config.qlora_grid,
                                         double_quant=config.qlora_double_quant), HEAD)
   raise UserError(f"unknown fine-tuning method {name!r}: use full, lora, bitfit, prompt, "
-                  "head, mezo or qlora")
+                  "norm, head, mezo or qlora")
 
 
 # ----------------------------------------------------------------------------- data
@@ -147,9 +152,39 @@ def _rows(data: TokenizedText, indices: np.ndarray) -> TokenizedText:
                        data.labels[indices])
 
 
+def _cut(config: FinetuneConfig) -> tuple[int, ...]:
+  """The token lengths zeroth-order batches are cut to: ``--zo-buckets`` when the step
+  runs the whole model on tokens (not ``--zo-part head``/``ffn``'s cached rows)."""
+  return config.buckets if config.zo_part not in CACHED_PARTS else ()
+
+
+def by_length(compile_at: Callable[[dict, Any], Any], example: dict, compiled: Any,
+              buckets: tuple[int, ...], info: dict) -> Callable:
+  """``program(batch, trainable) -> (cut batch, compiled step)``: the batch cut to the
+  smallest of ``buckets`` that holds its longest sentence (:func:`trim_to_bucket`;
+  ``[..., L]`` arrays, one length for a whole federated round) and the program for
+  that length, compiled on first use by ``compile_at(batch, trainable)``.
+  ``compiled`` is ``example``'s (the uncut length, whose memory is reported);
+  ``info["step_compiles"]`` counts the programs."""
+  programs = {example["input_ids"].shape[-1]: compiled}
+  info["step_compiles"] = 1
+
+  def program(batch, trainable):
+    batch = trim_to_bucket(batch, buckets)
+    length = batch["input_ids"].shape[-1]
+    if length not in programs:
+      programs[length] = compile_at(batch, trainable)
+      info["step_compiles"] = len(programs)
+    return batch, programs[length]
+  return program
+
+
 # ----------------------------------------------------------------------------- SST-2
 
-def _classifier_loss(model: BertClassifier) -> Callable:
+def classifier_loss(model: BertClassifier) -> Callable:
+  """``loss_fn(params, batch, key, prompt=None)``: the classifier's mean cross-entropy on
+  ``batch`` (``input_ids``, ``attention_mask`` ``[B, L]``, ``label`` ``[B]``), dropout
+  on when ``key`` is given."""
   def loss_fn(params, batch, key, prompt=None):
     train = key is not None
     logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -214,7 +249,7 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
       l2=config.probe_l2)
   total_params = param_count(params)
   zo = config.method == "mezo"
-  step_data, loss_fn = train_tok, _classifier_loss(model)
+  step_data, loss_fn = train_tok, classifier_loss(model)
   if zo and config.zo_part == "head":  # the bottom is frozen: run it once
     step_data, loss_fn = heads.embedded_loss(model, params, train_tok, config.head_l2,
                                              config.zo_layers)
@@ -254,10 +289,13 @@ def _sst2_job(config: FinetuneConfig, key: jax.Array, print_fn: Callable) -> Job
     compiled = step.step.lower(frozen, trainable, example, key0, lr_arr).compile()
     state = {"trainable": trainable}
     info["opt_state_bytes"] = 0
+    program = by_length(lambda b, t: step.step.lower(frozen, t, b, key0, lr_arr).compile(),
+                        example, compiled, _cut(config), info)
 
     def run(state, batch, index):
-      theta, out = compiled(frozen, state["trainable"], batch,
-                            jax.random.fold_in(k_train, index), lr_arr)
+      batch, compiled_at = program(batch, state["trainable"])
+      theta, out = compiled_at(frozen, state["trainable"], batch,
+                               jax.random.fold_in(k_train, index), lr_arr)
       return {"trainable": theta}, out["loss"]
   else:
     train_step = peft.make_train_step(loss_fn, optax.adam(lr), method)
@@ -313,13 +351,15 @@ def _federated_job(config, model, method, frozen, trainable, loss_fn, train, tra
     round_fn = fed.zo_round(loss_fn, method, mesh, pool_size=config.pool_size,
                             eps=config.mezo_eps)
     lr_arr, pool_key = jnp.float32(lr), jax.random.fold_in(k_train, OTHER)
-    compiled = round_fn.lower(frozen, trainable, example, sizes, key0, lr_arr,
-                              pool_key).compile()
+    lower = lambda b, t: round_fn.lower(frozen, t, b, sizes, key0, lr_arr, pool_key).compile()  # noqa: E731
+    compiled = lower(example, trainable)
+    program = by_length(lower, example, compiled, _cut(config), info)
     traffic = fed.zo_traffic(config.clients, e, config.pool_size)
 
     def run(state, batch, index):
-      theta, out = compiled(frozen, state["trainable"], batch, sizes,
-                            jax.random.fold_in(k_train, index), lr_arr, pool_key)
+      batch, compiled_at = program(batch, state["trainable"])
+      theta, out = compiled_at(frozen, state["trainable"], batch, sizes,
+                               jax.random.fold_in(k_train, index), lr_arr, pool_key)
       return {"trainable": theta}, out["loss"]
   info.update({"step_memory": memory_of(compiled), "opt_state_bytes": 0,
                "clients": config.clients, "mesh_devices": int(mesh.devices.size),

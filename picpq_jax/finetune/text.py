@@ -282,6 +282,21 @@ def _text_batches(data, batch_size, seed, step, shuffle, drop_remainder, stop, s
     step += 1
 
 
+def trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]
+                   ) -> dict[str, np.ndarray]:
+  """``batch`` with ``input_ids`` and ``attention_mask`` ``[..., L]`` cut to ``[...,
+  L']``, ``L'`` the smallest of ``buckets`` that holds the batch's longest sentence
+  (``L`` when none below ``L`` does). Padding is on the right, so only padding is cut
+  and a model that masks it gives the same outputs; other entries are unchanged."""
+  length = batch["input_ids"].shape[-1]
+  longest = int(np.max(np.sum(batch["attention_mask"] != 0, axis=-1), initial=0))
+  cut = min([b for b in buckets if longest <= b < length], default=length)
+  if cut == length:
+    return batch
+  return {**batch, "input_ids": batch["input_ids"][..., :cut],
+          "attention_mask": batch["attention_mask"][..., :cut]}
+
+
 def eval_text_batches(data: TokenizedText, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """One pass in order, every example once; the last batch padded (``mask`` False)."""
   return text_batches(data, batch_size, seed=0, shuffle=False, drop_remainder=False, epochs=1)

@@ -55,6 +55,9 @@ def test_options_reach_the_config():
     (["--method", "lora", "--federated", "fedkseed"], ["mezo with --federated fedkseed"]),
     (["--qlora-bits", "3", "--method", "qlora"], ["--qlora-bits=3", "4 or 8"]),
     (["--task", "shakespeare", "--method", "lora"], ["--method='lora'"]),
+    (["--method", "mezo", "--zo-buckets", "16,x"], ["--zo-buckets='16,x'", "comma-separated"]),
+    (["--method", "mezo", "--zo-buckets", "1,32"], ["--zo-buckets='1,32'", "at least 2 tokens"]),
+    (["--method", "mezo", "--zo-part", "norms"], ["--zo-part='norms'", "norm"]),
 ])
 def test_bad_options(folders, tmp_path, capsys, extra, needles):
   one_error(capsys, args(folders, tmp_path, *extra), *needles)

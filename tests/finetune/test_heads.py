@@ -298,3 +298,17 @@ def test_ffn_lora_on_cached_activations_equals_the_merged_model(tiny_classifier)
 def test_top_pattern_names_the_head_and_the_top_blocks():
   assert heads.top_pattern(0, 6) == "^head/"
   assert heads.top_pattern(2, 6) == "^head/|^encoder/(layer_4|layer_5)/"
+
+
+def test_cutting_padding_leaves_the_classifier_loss_unchanged(tiny_classifier):
+  """What --zo-buckets relies on: the loss of a batch cut to its longest sentence
+  equals the padded batch's (padding is masked in attention and pooling)."""
+  from picpq_jax.finetune.run import classifier_loss
+  from picpq_jax.finetune.text import trim_to_bucket
+  model, params, data = tiny_classifier
+  batch = _batch(data, np.array([1, 3]))  # "good", "bad bad": 3 and 4 tokens of 7
+  cut = trim_to_bucket(batch, (4,))
+  assert batch["input_ids"].shape[1] > 4 and cut["input_ids"].shape[1] == 4
+  loss = jax.jit(classifier_loss(model), static_argnums=2)
+  np.testing.assert_allclose(float(loss(params, cut, None)), float(loss(params, batch, None)),
+                             rtol=1e-6)

@@ -123,6 +123,48 @@ def test_mezo_moves_only_its_part_and_keeps_no_optimizer_state(folders, tmp_path
       "trainable/full/head/classifier/bias"}
 
 
+def test_mezo_norm_moves_every_layernorm_and_the_head_only(folders, tmp_path):
+  """--zo-part norm: the checkpoint holds exactly the embeddings' and every block's
+  LayerNorm scale and shift and the head, and every one of them moved."""
+  from picpq_jax.finetune import load_minilm
+  out = run_finetune(config(folders, tmp_path, method="mezo", zo_part="norm", head="labels",
+                            steps=2, dropout=0.0, lr=1e-1, zo_buckets="7"),
+                     print_fn=lambda s: None)
+  modules = ["embeddings/layer_norm"] + [f"layer_{i}/{n}" for i in range(LAYERS)
+                                         for n in ("attention_norm", "mlp_norm")]
+  assert out["trainable_params"] == 2 * len(modules) * HIDDEN + HEAD
+  state = flat(saved_state(tmp_path, 2))
+  assert set(state) == {f"trainable/encoder/{m}/{leaf}" for m in modules
+                        for leaf in ("scale", "bias")} | {
+      "trainable/head/classifier/kernel", "trainable/head/classifier/bias"}
+  start = flat(load_minilm(folders[0]).params)
+  for m in modules:
+    for leaf in ("scale", "bias"):
+      assert not np.allclose(state[f"trainable/encoder/{m}/{leaf}"], start[f"{m}/{leaf}"])
+
+
+def test_by_length_cuts_each_batch_and_compiles_each_length_once():
+  """The zeroth-order steps' program cache: a batch is cut to its bucket, a new length
+  compiles once (counted), a seen length reuses its program."""
+  from picpq_jax.finetune.run import by_length
+  made, info = [], {}
+
+  def compile_at(batch, trainable):
+    made.append(batch["input_ids"].shape[-1])
+    return f"program {made[-1]}"
+
+  def batch(longest, length=12):
+    mask = (np.arange(length)[None] < np.array([[2], [longest]])).astype(np.int32)
+    return {"input_ids": mask, "attention_mask": mask}
+
+  program = by_length(compile_at, batch(12), "program 12", (4, 8), info)
+  assert info["step_compiles"] == 1
+  for longest, want in [(3, 4), (7, 8), (4, 4), (12, 12), (8, 8)]:
+    cut, compiled = program(batch(longest), None)
+    assert cut["input_ids"].shape == (2, want) and compiled == f"program {want}"
+  assert made == [4, 8] and info["step_compiles"] == 3
+
+
 def test_mezo_on_the_head_alone_leaves_the_encoder_frozen(folders, tmp_path):
   out = run_finetune(config(folders, tmp_path, method="mezo", zo_part="head", head="labels",
                             steps=2, dropout=0.0, lr=1e-1), print_fn=lambda s: None)

@@ -10,6 +10,7 @@ from picpq_jax.errors import UserError
 from picpq_jax.finetune import (CharVocab, TextDataset, TokenCache, TokenizedText,
                                 eval_text_batches, k_shot, load_text, load_tsv, random_windows,
                                 split_ids, sst2_paths, text_batches, tinyshakespeare_path)
+from picpq_jax.finetune.text import trim_to_bucket
 from tests.conftest import SHARED_DATA, require
 
 
@@ -188,3 +189,15 @@ def test_real_tinyshakespeare():
   # The corpus as nanoGPT describes it: 1,115,394 characters, 65 distinct.
   assert (len(text), vocab.size) == (1_115_394, 65)
   assert vocab.decode(vocab.encode(text[:200])) == text[:200]
+
+
+def test_trim_to_bucket_cuts_only_padding_to_the_smallest_bucket_that_fits():
+  mask = np.array([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], np.int32)
+  batch = {"input_ids": mask * 7, "attention_mask": mask, "label": np.array([0, 1])}
+  cut = trim_to_bucket(batch, (4, 6, 16))  # longest sentence 5 tokens -> 6
+  np.testing.assert_array_equal(cut["attention_mask"], mask[:, :6])
+  np.testing.assert_array_equal(cut["input_ids"], 7 * mask[:, :6])
+  assert cut["label"] is batch["label"]
+  assert trim_to_bucket(batch, (4,)) is batch  # no bucket holds 5 tokens: unchanged
+  assert trim_to_bucket(batch, (8, 16)) is batch  # not shorter than the batch
+  assert trim_to_bucket(batch, ()) is batch
