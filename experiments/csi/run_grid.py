@@ -187,10 +187,11 @@ def main():
     times = measure(arch, int(cr), COMMON["batch_size"])
     model = get_csi_model(arch, int(cr))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
-    grid[item] = {"runs": {m: {k: v for k, v in s.items() if k != "curve"} | {"curve": s["curve"]}
-                           for m, s in results["runs"].items()},
-                  "command": "run_grid.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                       for k, v in vars(args).items()),
+    command = "run_grid.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    # Methods not rerun keep their earlier entry (each run names its command and load).
+    runs = grid.get(item, {}).get("runs", {}) | {
+        m: s | {"command": command, "load_end": os.getloadavg()} for m, s in results["runs"].items()}
+    grid[item] = {"runs": runs, "command": command,
                   "times": times, "round_model": round_model(arch, int(cr), times, shapes),
                   "wall_s": time.time() - t0, "load": os.getloadavg(),
                   "devices": results["devices"], "config": results["config"]}
