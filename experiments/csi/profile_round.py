@@ -65,11 +65,15 @@ def main():
   jax.config.update("jax_log_compiles", True)
   setup = {}
   for m in args.methods.split(","):
-    mesh = methods.csi_mesh(c.ues, c.stages if m == "pipeline" else 1)
+    # "centralized@replicated": the step on as many 'clients' devices as divide the UEs
+    # (each computes the same whole-batch step; what the grid ran before method_mesh)
+    mesh = (methods.csi_mesh(c.ues) if m == "centralized@replicated"
+            else methods.method_mesh(m, c.ues, c.stages))
+    m_run = m.split("@")[0]
     consts = jax.device_put(methods.constants(variables), NamedSharding(mesh, P()))
-    state = jax.device_put(methods.init_state(m, variables, ADAM, c.ues), NamedSharding(mesh, P()))
-    setup[m] = dict(mesh=mesh, consts=consts, state=state,
-                    run=methods.round_program(m, model, ADAM, mesh, c.encoder_sync),
+    state = jax.device_put(methods.init_state(m_run, variables, ADAM, c.ues), NamedSharding(mesh, P()))
+    setup[m] = dict(method=m_run, mesh=mesh, consts=consts, state=state,
+                    run=methods.round_program(m_run, model, ADAM, mesh, c.encoder_sync),
                     rec=methods.reconstruct_program(model), times={k: [] for k in
                     ("host", "round", "eval", "checkpoint")}, compiles_after_warmup=0)
   weights = jnp.full(c.ues, float(n))
@@ -89,7 +93,7 @@ def main():
       s["state"], loss = s["run"](s["state"], s["consts"], x, weights, lrs, bits, tbits)
       float(loss)
       t2 = time.perf_counter()
-      evaluate(s["rec"], m, s["state"], s["consts"], test, hf)
+      evaluate(s["rec"], s["method"], s["state"], s["consts"], test, hf)
       t3 = time.perf_counter()
       Checkpoints(os.path.join(tmp, m, str(r))).save(r + 1, s["state"], {"step": r + 1})
       t4 = time.perf_counter()
