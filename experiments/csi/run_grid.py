@@ -124,8 +124,8 @@ def render(grid):
   for item, g in grid.items():
     c = g["config"]
     fed = g["runs"].get("fedavg", {}).get("bytes_per_ue_round")
-    arch, cr = item.split(":")
-    lines += [f"### {arch} CR {cr} ({c['ues']} UEs, {c['rounds']} rounds x "
+    arch, cr = c["arch"], c["cr"]
+    lines += [f"### {item}: {arch} CR {cr} ({c['ues']} UEs, {c['rounds']} rounds x "
               f"{c['local_steps']} steps, batch {c['batch_size']}; {g['wall_s']:.0f} s wall, "
               f"load {g['load'][0]:.0f}; published centralized on COST2100: "
               f"{PUBLISHED_DB[arch][int(cr)]} dB)", "",
@@ -160,6 +160,9 @@ def main():
   parser.add_argument("--pipeline-for", default="",
                       help="configs that also train the pipelined method (equal to split by "
                       "test; its round-time numbers are modelled for every config)")
+  parser.add_argument("--suffix", default="",
+                      help="a separate run of each config: workdir runs/<arch>-cr<cr><suffix>, "
+                      "key <arch>:<cr><suffix> in grid.json (e.g. a longer centralized run)")
   parser.add_argument("--model-only", action="store_true",
                       help="recompute the round-time model of the configs in grid.json from "
                       "their stored per-piece times (no training, no timing)")
@@ -168,7 +171,7 @@ def main():
   grid = json.load(open(out_path)) if os.path.exists(out_path) else {}
   if args.model_only:
     for item, g in grid.items():
-      arch, cr = item.split(":")
+      arch, cr = g["config"]["arch"], g["config"]["cr"]
       model = get_csi_model(arch, int(cr))
       shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
       g["round_model"] = round_model(arch, int(cr), g["times"], shapes)
@@ -177,20 +180,24 @@ def main():
     return
   for item in args.configs.split(","):
     arch, cr = item.split(":")
+    workdir = os.path.join(HERE, "runs", f"{arch}-cr{cr}{args.suffix}")
     methods = args.methods + (",pipeline" if item in args.pipeline_for.split(",") else "")
+    base, item = item, item + args.suffix
     config = CsiConfig(arch=arch, cr=int(cr), methods=methods,
-                       workdir=os.path.join(HERE, "runs", f"{arch}-cr{cr}"),
-                       resume=os.path.exists(os.path.join(HERE, "runs", f"{arch}-cr{cr}", "config.json")),
+                       workdir=workdir, resume=os.path.exists(os.path.join(workdir, "config.json")),
                        rounds=args.rounds, **COMMON)
     t0 = time.time()
     results = run_csi(config)
-    times = measure(arch, int(cr), COMMON["batch_size"])
+    # a suffixed run reuses its config's measured times (the same model and batch)
+    times = (grid[base]["times"] if args.suffix and base in grid
+             else measure(arch, int(cr), COMMON["batch_size"]))
     model = get_csi_model(arch, int(cr))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
-    grid[item] = {"runs": {m: {k: v for k, v in s.items() if k != "curve"} | {"curve": s["curve"]}
-                           for m, s in results["runs"].items()},
-                  "command": "run_grid.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                       for k, v in vars(args).items()),
+    command = "run_grid.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    # Methods not rerun keep their earlier entry (each run names its command and load).
+    runs = grid.get(item, {}).get("runs", {}) | {
+        m: s | {"command": command, "load_end": os.getloadavg()} for m, s in results["runs"].items()}
+    grid[item] = {"runs": runs, "command": command,
                   "times": times, "round_model": round_model(arch, int(cr), times, shapes),
                   "wall_s": time.time() - t0, "load": os.getloadavg(),
                   "devices": results["devices"], "config": results["config"]}

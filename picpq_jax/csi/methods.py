@@ -85,6 +85,15 @@ def csi_mesh(num_ues: int, stages: int = 1, devices: int = 0) -> Mesh:
   return Mesh(grid, (AXIS, STAGES))
 
 
+def method_mesh(method: str, num_ues: int, stages: int = 1) -> Mesh:
+  """The mesh ``method`` trains on: ``stages`` devices on the ``stages`` axis for the
+  pipeline, one stage otherwise; centralized on one device (its step is one model on
+  every UE's batch, which more ``clients`` devices would only compute again)."""
+  if method == "centralized":
+    return csi_mesh(num_ues, 1, devices=1)
+  return csi_mesh(num_ues, stages if method == "pipeline" else 1)
+
+
 def init_state(method: str, variables: dict, tx: optax.GradientTransformation,
                num_ues: int) -> CsiState:
   """The initial state of ``method`` from the autoencoder's ``variables``; every UE's

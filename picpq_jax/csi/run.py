@@ -106,7 +106,7 @@ def train_method(config: CsiConfig, method: str, model, variables: dict, train: 
                  test: np.ndarray, resume: bool, stop_after_round: int | None) -> dict[str, Any]:
   """Trains one method on the engine; returns its summary."""
   c = config
-  mesh = methods.csi_mesh(c.ues, c.stages if method == "pipeline" else 1)
+  mesh = methods.method_mesh(method, c.ues, c.stages)
   consts = jax.device_put(methods.constants(variables), NamedSharding(mesh, P()))
   init = methods.init_state(method, variables, ADAM, c.ues)
   template = jax.device_put(init, NamedSharding(mesh, P()))

@@ -142,11 +142,30 @@ mesh = methods.csi_mesh(2)
 sharded = lambda t: jax.device_put(t, NamedSharding(mesh, P("clients")))
 got = np.asarray(methods.reconstruct_program(model)(sharded(enc), dec, consts, sharded(x)))
 assert np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()
+
+# centralized trains on one device (method_mesh), the others over both 'clients' devices;
+# one device computes what each of two computed before (the same whole-batch step)
+assert methods.method_mesh("centralized", 2).devices.size == 1
+assert methods.method_mesh("split", 2).shape == {"clients": 2, "stages": 1}
+small = get_csi_model("csinet", 64)
+v = init_csi_variables(small, jax.random.key(1))
+tx, xs = methods.optax.sgd(1.0), jnp.asarray(rng.uniform(size=(2, 1, 4, 32, 32, 2)), jnp.float32)
+out = []
+for mesh in (methods.method_mesh("centralized", 2), methods.csi_mesh(2)):
+  state, _ = methods.round_program("centralized", small, tx, mesh)(
+      methods.init_state("centralized", v, tx, 2), methods.constants(v),
+      jax.device_put(xs, NamedSharding(mesh, P("clients"))), jnp.ones(2), jnp.full(1, 0.5),
+      jnp.int32(32), jnp.int32(32))
+  out.append(jax.device_get(state.parts["model"].params))
+diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), *out))
+assert max(diffs) < 1e-6, max(diffs)
+moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), out[0], v["params"]))
+assert max(moved) > 1e-4, max(moved)  # the step trained: not two copies of the start
 print("OK")
 """
 
 
-def test_reconstruct_with_encoders_sharded_over_clients():
+def test_reconstruct_with_encoders_sharded_over_clients_and_centralized_mesh():
   # XLA's SPMD partitioner mis-partitions the grouped 1x1 convolution that vmap makes
   # of CRNet's per-UE encoder (wrong values, jax 0.10.2 and 0.12.1): the program must
   # not hand sharded encoders to it.
