@@ -351,7 +351,9 @@ def _federated_job(config, model, method, frozen, trainable, loss_fn, train, tra
     round_fn = fed.zo_round(loss_fn, method, mesh, pool_size=config.pool_size,
                             eps=config.mezo_eps)
     lr_arr, pool_key = jnp.float32(lr), jax.random.fold_in(k_train, OTHER)
-    lower = lambda b, t: round_fn.lower(frozen, t, b, sizes, key0, lr_arr, pool_key).compile()  # noqa: E731
+    def lower(batch, trainable):
+      return round_fn.lower(frozen, trainable, batch, sizes, key0, lr_arr, pool_key).compile()
+
     compiled = lower(example, trainable)
     program = by_length(lower, example, compiled, _cut(config), info)
     traffic = fed.zo_traffic(config.clients, e, config.pool_size)
