@@ -40,7 +40,8 @@ PUBLISHED_DB = {"csinet": {4: -17.36, 16: -8.65, 32: -6.24, 64: -5.84},
 UPLINK_BPS, DOWNLINK_BPS = 10e6, 50e6  # assumed link rates per UE for the round-time model
 
 
-def _time(fn, *args, repeat=20):
+def median_time(fn, *args, repeat=20):
+  """Median seconds of ``repeat`` calls of ``fn(*args)`` after one warm-up call."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeat):
@@ -64,7 +65,7 @@ def measure(arch, cr, batch):
     sv = stage_variables(dec_v, model.decoder, (i, i + 1))
     f = jax.jit(lambda p, a: stage.apply({**sv, "params": p}, a, train=True, mutable=["batch_stats"])[0])
     g = jax.jit(jax.grad(lambda p, a: jnp.sum(f(p, a)), argnums=(0, 1)))
-    tf, tb = _time(f, sv["params"], h), _time(g, sv["params"], h)
+    tf, tb = median_time(f, sv["params"], h), median_time(g, sv["params"], h)
     pieces_f.append(tf)
     pieces_b.append(max(tb - tf, 0.0))
     h = f(sv["params"], h)
@@ -79,9 +80,9 @@ def measure(arch, cr, batch):
     g = jax.grad(lambda q: mse(model.apply({**v, "params": q}, x, train=True, mutable=["batch_stats"])[0], x))(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o
-  t_ef, t_eg = _time(ef, enc_v["params"]), _time(eg, enc_v["params"])
+  t_ef, t_eg = median_time(ef, enc_v["params"]), median_time(eg, enc_v["params"])
   return {"piece_forward": pieces_f, "piece_backward": pieces_b, "ue_forward": t_ef,
-          "ue_backward": max(t_eg - t_ef, 0.0), "ue_step": _time(step, v["params"], opt)}
+          "ue_backward": max(t_eg - t_ef, 0.0), "ue_step": median_time(step, v["params"], opt)}
 
 
 def round_model(arch, cr, times, variables_shapes):

@@ -10,24 +10,14 @@ one grouped conv), and 4 models under ``lax.map`` (a loop, ungrouped convs). Med
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments.csi.run_grid import median_time
 from picpq_jax.csi import get_csi_model, init_csi_variables, methods
-
-
-def _median_s(f, *args, repeat=5):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(repeat):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main(ues=4, batch=16):
@@ -43,10 +33,10 @@ def main(ues=4, batch=16):
   vmapped = jax.jit(lambda ps, x: jax.vmap(lambda p, xu: step(p, x=xu))(ps, x))
   mapped = jax.jit(lambda ps, x: lax.map(lambda a: step(a[0], x=a[1]), (ps, x)))
   for _ in range(2):
-    print(f"one model batch {ues * batch}:", _median_s(one, part, x),
-          f"vmap {ues}x{batch}:", _median_s(vmapped, parts, x),
-          f"lax.map {ues}x{batch}:", _median_s(mapped, parts, x), "load", os.getloadavg()[0],
-          flush=True)
+    print(f"one model batch {ues * batch}:", median_time(one, part, x, repeat=5),
+          f"vmap {ues}x{batch}:", median_time(vmapped, parts, x, repeat=5),
+          f"lax.map {ues}x{batch}:", median_time(mapped, parts, x, repeat=5),
+          "load", os.getloadavg()[0], flush=True)
 
 
 if __name__ == "__main__":

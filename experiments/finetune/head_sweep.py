@@ -317,7 +317,10 @@ def report(out: dict) -> str:
             if len(values) > 1 else f"{values[0]:.3f}")
 
   words = out["command"].split()
-  option = lambda flag, default: words[words.index(flag) + 1] if flag in words else default  # noqa: E731
+
+  def option(flag, default):
+    return words[words.index(flag) + 1] if flag in words else default
+
   part, layers = option("--part", "head"), option("--layers", "0")
   what = {"head": "head" if layers == "0" else f"head and the top {layers} encoder block(s)",
           "ffn": "ffn (LoRA on the top block's FFN output + its LayerNorm + head)",

@@ -330,13 +330,12 @@ def _compact_and_export(workdir, arch, model, variables, structure, quantizer, i
   """Compacts the final model, checks its logits, exports it packed; returns sizes."""
   small_model, small_vars = compact(model, variables, structure)
   x = pdata.normalize(images, mean, std)
-  logits = lambda m, v: _eval_logits(m, v, x)
-  masked_logits = logits(model, variables)
-  small_logits = logits(small_model, small_vars)
+  masked_logits = _eval_logits(model, variables, x)
+  small_logits = _eval_logits(small_model, small_vars, x)
   info = export(os.path.join(workdir, "model.npz"), arch, small_vars, quantizer,
                 model=small_model)
   loaded_model, loaded_vars = load_exported(info.path)
-  loaded_logits = logits(loaded_model, loaded_vars)
+  loaded_logits = _eval_logits(loaded_model, loaded_vars, x)
   return {
       "file": info.path, "file_bytes": info.file_bytes, "float32_bytes": info.float32_bytes,
       "compacted_params": models.param_count(small_vars["params"]),
