@@ -164,6 +164,13 @@ def main():
   parser.add_argument("--suffix", default="",
                       help="a separate run of each config: workdir runs/<arch>-cr<cr><suffix>, "
                       "key <arch>:<cr><suffix> in grid.json (e.g. a longer centralized run)")
+  parser.add_argument("--schedule", default="constant",
+                      help="learning-rate schedule (cosine: CRNet's reference recipe)")
+  parser.add_argument("--warmup-rounds", type=int, default=0)
+  parser.add_argument("--end-lr", type=float, default=0.0)
+  parser.add_argument("--ue-bits", default="",
+                      help="picpq csi --ue-bits: after training, quantize the split methods' "
+                      "UE encoders (e.g. conv=8,dense=2) and report their cost and NMSE")
   parser.add_argument("--model-only", action="store_true",
                       help="recompute the round-time model of the configs in grid.json from "
                       "their stored per-piece times (no training, no timing)")
@@ -186,7 +193,9 @@ def main():
     base, item = item, item + args.suffix
     config = CsiConfig(arch=arch, cr=int(cr), methods=methods,
                        workdir=workdir, resume=os.path.exists(os.path.join(workdir, "config.json")),
-                       rounds=args.rounds, **COMMON)
+                       rounds=args.rounds, schedule=args.schedule,
+                       warmup_rounds=args.warmup_rounds, end_lr=args.end_lr,
+                       ue_bits=args.ue_bits, **COMMON)
     t0 = time.time()
     results = run_csi(config)
     # a suffixed run reuses its config's measured times (the same model and batch)
@@ -195,6 +204,8 @@ def main():
     model = get_csi_model(arch, int(cr))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)), train=False))
     command = "run_grid.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    # Re-read: another run_grid process may have written its configs meanwhile.
+    grid = json.load(open(out_path)) if os.path.exists(out_path) else {}
     # Methods not rerun keep their earlier entry (each run names its command and load).
     runs = grid.get(item, {}).get("runs", {}) | {
         m: s | {"command": command, "load_end": os.getloadavg()} for m, s in results["runs"].items()}
@@ -202,7 +213,9 @@ def main():
                   "times": times, "round_model": round_model(arch, int(cr), times, shapes),
                   "wall_s": time.time() - t0, "load": os.getloadavg(),
                   "devices": results["devices"], "config": results["config"]}
-    json.dump(grid, open(out_path, "w"), indent=1)
+    with open(out_path + ".tmp", "w") as f:
+      json.dump(grid, f, indent=1)
+    os.replace(out_path + ".tmp", out_path)  # another process may read it meanwhile
     render(grid)
     print(item, "done in", time.time() - t0, "s; load", os.getloadavg(), flush=True)
 

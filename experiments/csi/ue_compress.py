@@ -35,13 +35,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UES = 8  # the grid's
 
 
-def load_split(runs: str, arch: str, cr: int):
+def load_split(runs: str, arch: str, cr: int, suffix: str = ""):
   """``(model, encoder variables stacked [U], decoder variables, round)`` of the grid's
-  split run (constant collections from a fresh init)."""
+  split run in ``runs/<arch>-cr<cr><suffix>`` (constant collections from a fresh init)."""
   model = get_csi_model(arch, cr)
   variables = init_csi_variables(model, jax.random.key(0))
   consts = constants(variables)
-  ckpt = Checkpoints(os.path.join(runs, f"{arch}-cr{cr}", "split", "checkpoints"))
+  ckpt = Checkpoints(os.path.join(runs, f"{arch}-cr{cr}{suffix}", "split", "checkpoints"))
   try:
     state, _, step = ckpt.restore_newest(init_state("split", variables, ADAM, UES),
                                          set_aside=False)
@@ -67,6 +67,7 @@ def main():
                  help="the conv layers' weight bits (default: --bits, like the dense layer)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="run_grid.py's workdirs")
+  p.add_argument("--suffix", default="", help="the run_grid.py --suffix of the split run")
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   args = p.parse_args()
   arch, cr = args.config.split(":")
@@ -74,7 +75,7 @@ def main():
   # The grid's data and split: seed 1, 8 UEs x 320 samples, the last 64 held out.
   x, _ = generate(UES, 320, 1, workers=2, progress=False)
   train, test = x[:, :-64], x[:, -64:]
-  model, consts, enc_vars, dec_vars, step = load_split(args.runs, arch, cr)
+  model, consts, enc_vars, dec_vars, step = load_split(args.runs, arch, cr, args.suffix)
   ues = train.shape[0]
   one = lambda u: jax.tree.map(lambda a: a[u], enc_vars)
   float_enc = model.encoder

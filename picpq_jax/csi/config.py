@@ -11,6 +11,7 @@ from picpq_jax.options import check, option
 
 METHODS = ("centralized", "fedavg", "split", "pipeline")
 SPLIT_METHODS = ("split", "pipeline")
+CSI_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,10 @@ class CsiConfig:
   rounds: int = option(4, "communication rounds", may_change=True)
   local_steps: int = option(4, "local steps per UE and round (E)")
   batch_size: int = option(16, "batch size of each UE (centralized: this times the UEs)")
-  lr: float = option(1e-3, "Adam learning rate")
+  lr: float = option(1e-3, "Adam learning rate (cosine: the peak)")
+  schedule: str = option("constant", "learning-rate schedule over all local steps: constant (CsiNet's reference) or cosine (CRNet's reference: linear warm-up from 0 over --warmup-rounds, then cosine decay to --end-lr at the last of --rounds)")
+  warmup_rounds: int = option(0, "cosine: rounds of linear warm-up")
+  end_lr: float = option(0.0, "cosine: the learning rate at the end (CRNet's reference: 5e-5 from a peak of 2e-3)")
   bits: int = option(32, "bits per codeword value on the uplink: 32 = float32, 2..16 = uniform quantization")
   target_bits: int = option(32, "bits per value of the training CSI a UE uploads with its codewords (split methods) or once (centralized)")
   encoder_sync: int = option(0, "split methods: average the UEs' encoders every N rounds (0: never, each UE keeps its own)")
@@ -51,6 +55,10 @@ class CsiConfig:
     check(self.seed >= 0 and self.encoder_sync >= 0 and self.workers >= 0, "seed", self.seed,
           "integers >= 0 for --seed, --encoder-sync and --workers")
     check(self.lr > 0, "lr", self.lr, "a positive number")
+    check(self.schedule in CSI_SCHEDULES, "schedule", self.schedule, " or ".join(CSI_SCHEDULES))
+    check(0 <= self.end_lr < self.lr, "end_lr", self.end_lr, f"a number in [0, --lr={self.lr})")
+    check(0 <= self.warmup_rounds < self.rounds, "warmup_rounds", self.warmup_rounds,
+          f"an integer in 0..{self.rounds - 1} (fewer than --rounds)")
     for name in ("bits", "target_bits"):
       v = getattr(self, name)
       check(2 <= v <= 16 or v == 32, name, v, "32 (float32) or 2..16")

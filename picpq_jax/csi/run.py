@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from picpq_jax import engine
@@ -33,6 +34,7 @@ from picpq_jax.csi.models import codeword_size, decoder_stages, get_csi_model, i
 from picpq_jax.errors import UserError
 from picpq_jax.federated.distributed import AXIS
 from picpq_jax.federated.partition import client_batch_indices
+from picpq_jax.train import optim
 from picpq_jax.utils import format_table, is_primary, plot_rounds_and_bytes, write_atomic
 
 ADAM = methods.ADAM
@@ -102,6 +104,21 @@ def _programs(method: str, model, mesh, encoder_sync: int) -> tuple[Callable, Ca
           methods.reconstruct_program(model))
 
 
+def learning_rates(config: CsiConfig) -> optax.Schedule:
+  """Global local-step index -> Adam learning rate (``--schedule`` over all
+  ``rounds * local_steps`` steps; the warm-up counted in rounds)."""
+  c = config
+  return optim.make_schedule(c.schedule, c.lr, c.rounds * c.local_steps,
+                             warmup_steps=c.warmup_rounds * c.local_steps, end_lr=c.end_lr)
+
+
+def schedule_text(config: dict[str, Any]) -> str:
+  """``config``'s (a ``CsiConfig`` as a dict) schedule in words, for reports."""
+  if config.get("schedule", "constant") == "constant":
+    return "constant"
+  return (f"cosine to {config['end_lr']:g} after {config['warmup_rounds']} warm-up rounds")
+
+
 def train_method(config: CsiConfig, method: str, model, variables: dict, train: np.ndarray,
                  test: np.ndarray, resume: bool, stop_after_round: int | None) -> dict[str, Any]:
   """Trains one method on the engine; returns its summary."""
@@ -113,7 +130,7 @@ def train_method(config: CsiConfig, method: str, model, variables: dict, train: 
   run_round, reconstruct = _programs(method, model, mesh, c.encoder_sync)
   hf = frequency_response(test.reshape(-1, *test.shape[2:]))
   n, weights = train.shape[1], jnp.full(c.ues, float(train.shape[1]))
-  lrs = jnp.full(c.local_steps, c.lr, jnp.float32)
+  schedule = learning_rates(c)
   bits, target_bits = jnp.int32(c.bits), jnp.int32(c.target_bits)
 
   def step(state, r, index):
@@ -122,9 +139,10 @@ def train_method(config: CsiConfig, method: str, model, variables: dict, train: 
     rows = np.stack([client_batch_indices(np.arange(n), c.seed, u, r, c.local_steps,
                                           c.batch_size) for u in range(c.ues)])
     x = jax.device_put(train[np.arange(c.ues)[:, None, None], rows], NamedSharding(mesh, P(AXIS)))
+    lrs = optim.step_rates(schedule, r * c.local_steps, c.local_steps)
     state, loss = run_round(state, consts, x, weights, lrs, bits, target_bits)
     t = round_traffic(c, method, variables, n, r)
-    record = {"round": r + 1, "loss": float(loss), "up_bytes": t.up_bytes,
+    record = {"round": r + 1, "loss": float(loss), "lr": float(lrs[-1]), "up_bytes": t.up_bytes,
               "down_bytes": t.down_bytes, "total_bytes": t.total_bytes, "up": t.up, "down": t.down}
     if (r + 1) % c.eval_every == 0 or r + 1 == c.rounds:
       record.update(evaluate(reconstruct, method, state, consts, test, hf))
@@ -235,7 +253,7 @@ def markdown(results: dict[str, Any]) -> str:
            f"Data: {results['info']['data']}; {results['num_train_per_ue']} training and "
            f"{c['test_per_ue']} test samples per UE. {c['rounds']} rounds of "
            f"{c['local_steps']} local steps, batch {c['batch_size']} per UE, Adam "
-           f"{c['lr']}; codewords at {c['bits']} bits, uploaded targets at "
+           f"{c['lr']} ({schedule_text(c)}); codewords at {c['bits']} bits, uploaded targets at "
            f"{c['target_bits']} bits; pipeline over {c['stages']} stages.", "",
            "| method | NMSE (dB) | rho | bytes per UE per round | total bytes (all UEs) |",
            "|---|---|---|---|---|"]

@@ -226,7 +226,7 @@ def _run_round(setup: Setup, method: str, program: Program, state: FedState,
   else:
     batch = client_round_batch(setup.mesh, setup.train, setup.parts, ids, c.seed, r,
                                c.local_steps, c.batch_size)
-  lrs = jnp.asarray(setup.schedule(r * c.local_steps + np.arange(c.local_steps)), jnp.float32)
+  lrs = optim.step_rates(setup.schedule, r * c.local_steps, c.local_steps)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 1), r)
   parts, out = program.round_fn(state.parts, program.consts, batch, lrs, key,
                                 jnp.asarray(c.smashed_bits, jnp.int32))

@@ -9,7 +9,8 @@ import scipy.io
 
 from picpq_jax import cli
 from picpq_jax.csi.config import CsiConfig
-from picpq_jax.csi.run import run_csi
+from picpq_jax.csi.run import learning_rates, run_csi
+from picpq_jax.train import optim
 
 
 def _mat(path, key="HT", n=24, width=2048, seed=0):
@@ -28,6 +29,9 @@ def _mat(path, key="HT", n=24, width=2048, seed=0):
     (["--ue-bits", "conv=8"], "needs conv and dense bits"),
     (["--ue-bits", "dense=two"], "is not 'conv=N,dense=N'"),
     (["--ue-bits", "8", "--methods", "fedavg"], "add split or pipeline"),
+    (["--schedule", "step"], "--schedule='step'"),
+    (["--end-lr", "0.001"], "--end-lr=0.001"),  # not below --lr (1e-3)
+    (["--warmup-rounds", "4"], "fewer than --rounds"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, needle):
   workdir = tmp_path / "run"
@@ -53,11 +57,26 @@ def test_bad_mat_files_exit_2_and_write_nothing(tmp_path, capsys, make, needle):
   assert not os.path.exists(workdir / "config.json") and not (workdir / "split").exists()
 
 
+def test_cosine_schedule_by_hand():
+  """CRNet's recipe over rounds x local steps: 1 warm-up round of 5 steps (lr * t / 5),
+  then cosine from the peak to end_lr over the other 15 steps."""
+  c = CsiConfig(schedule="cosine", lr=2e-3, end_lr=5e-5, rounds=4, local_steps=5,
+                warmup_rounds=1)
+  got = np.asarray(optim.step_rates(learning_rates(c), 0, 21))
+  t = np.arange(21)
+  want = np.where(t < 5, 2e-3 * t / 5,
+                  5e-5 + (2e-3 - 5e-5) * (1 + np.cos(np.pi * (t - 5) / 15)) / 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  constant = np.asarray(optim.step_rates(learning_rates(CsiConfig(lr=3e-3)), 8, 4))
+  assert constant.shape == (4,) and np.all(constant == np.float32(3e-3))
+
+
 def test_run_resumes_to_the_same_result(tmp_path):
   data = _mat(tmp_path / "ht.mat")
   common = dict(data=data, methods="split", ues=2, samples_per_ue=12, test_per_ue=4, cr=64,
                 rounds=2, local_steps=1, batch_size=4, bits=8, progress=False, plot=False,
-                ue_bits="conv=16,dense=12", ue_finetune_steps=1)
+                ue_bits="conv=16,dense=12", ue_finetune_steps=1, schedule="cosine",
+                warmup_rounds=1, end_lr=1e-4)
   full = run_csi(CsiConfig(workdir=str(tmp_path / "a"), **common), print_fn=lambda s: None)
   run_csi(CsiConfig(workdir=str(tmp_path / "b"), **common), stop_after_round=1,
           print_fn=lambda s: None)

@@ -29,6 +29,30 @@ def test_cosine_warmup_is_linear_then_peaks():
   assert float(sched(10)) == pytest.approx(0.2)
 
 
+def test_cosine_with_end_lr_is_crnets_warmup_cosine_annealing():
+  """CRNet's WarmUpCosineAnnealingLR: base * t / Tw in the warm-up, then
+  eta_min + (base - eta_min) * (1 + cos(pi * (t - Tw) / (Tmax - Tw))) / 2."""
+  base, eta_min, t_max, t_warm = 2e-3, 5e-5, 120, 20
+  sched = optim.make_schedule("cosine", base, t_max, warmup_steps=t_warm, end_lr=eta_min)
+  for t in (0, 7, 20, 33, 70, 119, 120):
+    want = (base * t / t_warm if t < t_warm else
+            eta_min + (base - eta_min) * (1 + np.cos(np.pi * (t - t_warm) / (t_max - t_warm))) / 2)
+    assert float(sched(t)) == pytest.approx(want, rel=1e-5)
+  no_warmup = optim.cosine_schedule(base, t_max, end_lr=eta_min)
+  assert float(no_warmup(t_max)) == pytest.approx(eta_min, rel=1e-5)
+  assert float(no_warmup(60)) == pytest.approx(eta_min + (base - eta_min) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "multistep"])
+def test_step_rates_gives_one_rate_per_local_step(name):
+  """A round's learning rates are ``[E]`` for every schedule: optax's constant schedule
+  returns one scalar, which a round program indexing ``lrs[t]`` cannot take."""
+  sched = optim.make_schedule(name, 0.1, 100)
+  rates = np.asarray(optim.step_rates(sched, 20, 5))
+  assert rates.shape == (5,) and rates.dtype == np.float32
+  np.testing.assert_allclose(rates, [float(sched(t)) for t in range(20, 25)], rtol=1e-6)
+
+
 def test_unknown_schedule_is_rejected():
   with pytest.raises(ValueError, match="unknown schedule"):
     optim.make_schedule("linear", 0.1, 10)
