@@ -49,7 +49,11 @@ What was chosen where the papers and reference code are silent:
    CRNet: fc, head, crblock1, crblock2); ``decoder_stages(decoder, S, M)`` gives ``S``
    consecutive spans whose costliest stage (counted MACs, ``piece_macs``) costs least:
    GPipe runs at the pace of its slowest stage.
-8. Training (the split paper is silent): MSE loss on [0, 1] and Adam (CsiNet's);
+8. Training (the split paper is silent): MSE loss on [0, 1] and Adam (CsiNet's) at
+   a constant rate by default (CsiNet's reference, and CRNet's ``--scheduler const``);
+   ``--schedule cosine`` is CRNet's other recipe (``WarmUpCosineAnnealingLR``: linear
+   warm-up, then cosine to ``eta_min``; its reference: peak 2e-3, 30 of 2500 epochs
+   of warm-up, ``eta_min`` 5e-5), over all ``rounds x local_steps`` steps;
    the loss is taken at the BTS, so in the split methods a UE uploads the CSI its
    codewords encode as the training target (as split learning uploads labels),
    optionally quantized (``--target-bits``), and counted. Encoders are never
