@@ -26,7 +26,7 @@ from picpq_jax.csi import get_csi_model, init_csi_variables, traffic
 from picpq_jax.csi.config import CsiConfig
 from picpq_jax.csi.models import codeword_size, decoder_stages, stage_variables
 from picpq_jax.csi.pipeline import mse
-from picpq_jax.csi.run import run_csi
+from picpq_jax.csi.run import run_csi, schedule_text, ue_compression_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # seed 1: experiments/csi/plateau.py chose the decoder's output init on seed 0's data,
@@ -127,7 +127,8 @@ def render(grid):
     fed = g["runs"].get("fedavg", {}).get("bytes_per_ue_round")
     arch, cr = c["arch"], c["cr"]
     lines += [f"### {item}: {arch} CR {cr} ({c['ues']} UEs, {c['rounds']} rounds x "
-              f"{c['local_steps']} steps, batch {c['batch_size']}; {g['wall_s']:.0f} s wall, "
+              f"{c['local_steps']} steps, batch {c['batch_size']}, Adam {c['lr']} "
+              f"({schedule_text(c)}); {g['wall_s']:.0f} s wall, "
               f"load {g['load'][0]:.0f}; published centralized on COST2100: "
               f"{PUBLISHED_DB[arch][int(cr)]} dB)", "",
               "| method | NMSE (dB) | rho | bytes/UE/round | vs FedAvg | total bytes |",
@@ -139,6 +140,9 @@ def render(grid):
       ratio = f"{fed / s['bytes_per_ue_round']:.1f}x less" if fed and m in ("split", "pipeline") else ""
       lines.append(f"| {s['label']} | {s['nmse_db']:.2f} | {s['rho']:.4f} | "
                    f"{s['bytes_per_ue_round']:,} | {ratio} | {s['total_bytes']:,} |")
+    for s in g["runs"].values():
+      if "ue_compression" in s:
+        lines += ["", *ue_compression_table(s["label"], s["nmse_db"], s["rho"], s["ue_compression"])]
     rm = g["round_model"]
     lines += ["", "Round-time model (s per round; per-stage times measured here, "
               f"{UPLINK_BPS / 1e6:.0f} Mbit/s up, {DOWNLINK_BPS / 1e6:.0f} Mbit/s down per UE):", "",
