@@ -126,7 +126,8 @@ def render(grid):
     c = g["config"]
     fed = g["runs"].get("fedavg", {}).get("bytes_per_ue_round")
     arch, cr = c["arch"], c["cr"]
-    lines += [f"### {item}: {arch} CR {cr} ({c['ues']} UEs, {c['rounds']} rounds x "
+    lines += [f"### {item}: {arch} CR {cr} ({c['ues']} UEs x "
+              f"{c['samples_per_ue'] - c['test_per_ue']} training samples, {c['rounds']} rounds x "
               f"{c['local_steps']} steps, batch {c['batch_size']}, Adam {c['lr']} "
               f"({schedule_text(c)}); {g['wall_s']:.0f} s wall, "
               f"load {g['load'][0]:.0f}; published centralized on COST2100: "
@@ -172,6 +173,8 @@ def main():
                       help="learning-rate schedule (cosine: CRNet's reference recipe)")
   parser.add_argument("--warmup-rounds", type=int, default=0)
   parser.add_argument("--end-lr", type=float, default=0.0)
+  parser.add_argument("--samples-per-ue", type=int, default=COMMON["samples_per_ue"],
+                      help="CSI samples per UE, the last 64 held out (more training data)")
   parser.add_argument("--ue-bits", default="",
                       help="picpq csi --ue-bits: after training, quantize the split methods' "
                       "UE encoders (e.g. conv=8,dense=2) and report their cost and NMSE")
@@ -199,7 +202,8 @@ def main():
                        workdir=workdir, resume=os.path.exists(os.path.join(workdir, "config.json")),
                        rounds=args.rounds, schedule=args.schedule,
                        warmup_rounds=args.warmup_rounds, end_lr=args.end_lr,
-                       ue_bits=args.ue_bits, **COMMON)
+                       ue_bits=args.ue_bits,
+                       **COMMON | {"samples_per_ue": args.samples_per_ue})
     t0 = time.time()
     results = run_csi(config)
     # a suffixed run reuses its config's measured times (the same model and batch)
