@@ -76,7 +76,7 @@ class CompressConfig:
   sampling: str = option("replace", "tournament members and mutated layers drawn with replacement (replace, reference) or distinct")
   returns: str = option("best-ever", "genes the search returns: best-ever (reference) or final (fittest of the final population)")
   search_optimizer: str = option("momentum", "SGD of the candidates' tau_hat steps: momentum (reference) or nesterov")
-  strategy: str = option("auto", "how candidates are evaluated: auto (by measurement: map on accelerators; on CPU unroll up to tau_hat 32, compact above), map (scan loops), unroll (straight-line; compile grows with tau_hat), vmap, or compact (one by one at the pruned size, widths padded to multiples of 8, programs cached by width)")
+  strategy: str = option("auto", "how candidates are evaluated: auto (by measurement: map on accelerators; on CPU unroll up to tau_hat 8, compact above), map (scan loops), unroll (straight-line; compile grows with tau_hat), vmap, or compact (one by one at the pruned size, widths padded to multiples of 8, programs cached by width)")
   act_quant: str = option("inner", "which activations are quantized: inner (each basic block's conv2 input only, at its conv1's bits; block inputs and the residual stream stay float; reference) or every-conv (every quantized conv's input at its own bits)")
   penalty: float = option(1 / 6, "bit penalty: bits = max_bits - ceil(penalty / sparsity)")
   max_bits: str = option("reference", "per-conv maximum bits: 'reference' or a list like 32,8x18,6x18,4x18")

@@ -27,7 +27,8 @@ How candidates are laid out inside the program is a static choice
   by the rounded widths). Python-driven, so not jittable and not sharded.
 
 ``"auto"`` (the default of the CLI and :class:`~picpq_jax.compress.search.SearchConfig`)
-stands for one of these, by backend and ``tau_hat``: :func:`resolve_strategy`.
+stands for one of these, by backend and ``tau_hat``: :func:`resolve_strategy`, which
+:func:`~picpq_jax.compress.search.run_search` applies to its spec.
 
 Folding candidates into the batch dimension is not possible once their weights
 diverge after the first SGD step.
@@ -60,6 +61,7 @@ from picpq_jax.train.steps import create_train_state, eval_step, train_step
 Array = jax.Array
 
 STRATEGIES = ("map", "unroll", "vmap", "compact")
+STRATEGY_OPTIONS = (*STRATEGIES, "auto")  # what --strategy accepts
 # "auto" (the default of the CLI) resolves per backend by resolve_strategy().
 CPU_UNROLL_MAX_STEPS = 8  # CPU: unroll up to this tau_hat, compact above (measured)
 
@@ -146,7 +148,7 @@ class FitnessSpec:
   metric: str = "flops"
   safeguard: float = 0.1
   min_channels: int = 2
-  strategy: str = "map"
+  strategy: str = "map"  # or "auto": search.run_search resolves it (resolve_strategy)
   pad_to: int = 8  # "compact" only: widths rounded up to a multiple of this
 
 

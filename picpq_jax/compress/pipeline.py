@@ -229,8 +229,7 @@ def _search_genes(config, model, structure, variables, fp, train, mean, std,
       preprocess_train=lambda k, x: pdata.normalize(device_augment(k, x), mean_j, std_j),
       preprocess_eval=lambda x: pdata.normalize(x, mean_j, std_j),
       target=config.target, metric=config.metric, safeguard=config.safeguard,
-      min_channels=config.min_channels,
-      strategy=evolution.resolve_strategy(config.strategy, config.tau_hat))
+      min_channels=config.min_channels, strategy=config.strategy)
   result = search.run_search(spec, config.search_config(), variables, fp, train, scoring,
                              os.path.join(config.workdir, "evolution"), seed=config.seed,
                              progress=config.progress)

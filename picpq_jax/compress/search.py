@@ -59,8 +59,8 @@ class SearchConfig:
         (0.0 < self.mutation_rate <= 1.0, "mutation_rate", "(0, 1]"),
         (self.search_batch_size >= 1, "search_batch_size", "an integer >= 1"),
         (self.search_val_size >= 1, "search_val_size", "an integer >= 1"),
-        (self.strategy in (*evolution.STRATEGIES, "auto"), "strategy",
-         " or ".join((*evolution.STRATEGIES, "auto"))),
+        (self.strategy in evolution.STRATEGY_OPTIONS, "strategy",
+         " or ".join(evolution.STRATEGY_OPTIONS)),
         (self.sampling in SAMPLINGS, "sampling", " or ".join(SAMPLINGS)),
         (self.returns in RETURNS, "returns", " or ".join(RETURNS)),
     ]
@@ -115,6 +115,9 @@ def run_search(spec: evolution.FitnessSpec, config: SearchConfig, variables: Map
     stop_after: stop after this many generations (as if interrupted).
   """
   num_devices = 1 if mesh is None else mesh.size
+  # "auto" resolves here, where tau_hat and the devices are known.
+  spec = dataclasses.replace(spec, strategy=evolution.resolve_strategy(
+      spec.strategy, config.tau_hat, num_devices))
   evolution.check_settings(config.population, config.sample, config.children, num_devices)
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved):
